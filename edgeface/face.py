@@ -1,0 +1,39 @@
+"""The one result type of every detector and runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Order of the 5 landmarks in every output of edgeface (the order RetinaFace was trained with). "left" and
+# "right" are as seen in the image: on an upright frontal face ``left_eye`` has the smaller x (it is the
+# subject's right eye).
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+
+
+@dataclass(frozen=True)
+class Face:
+    """A detected face in original-image pixel coordinates.
+
+    ``box`` is (x1, y1, x2, y2); it is not clipped to the image, like the reference implementation, so a face cut
+    by the border keeps its full extent. ``landmarks`` holds five (x, y) points in :data:`LANDMARK_NAMES` order.
+    """
+
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: tuple[tuple[float, float], ...]
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "box": [round(v, 2) for v in self.box],
+            "score": round(self.score, 5),
+            "landmarks": {name: [round(x, 2), round(y, 2)] for name, (x, y) in zip(LANDMARK_NAMES, self.landmarks)},
+        }

