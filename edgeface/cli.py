@@ -21,16 +21,20 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--activation", choices=["relu", "leaky"],
                        help="activation for a checkpoint edgeface does not recognise: relu (reference first "
                             "release) or leaky (LeakyReLU 0.1, later releases; the default)")
-    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    group.add_argument("--resize", default="original", help="original | longest:N | fixed:HxW")
+    group.add_argument("--device", default="cpu", help="cpu or cuda")
+    group.add_argument("--resize", help="original | longest:N | fixed:HxW (default: original, or the bundle's size)")
+    group.add_argument("--model", help="an exported bundle directory (instead of a PyTorch checkpoint)")
+    group.add_argument("--runtime", help="torch | onnxruntime | tflite | tensorrt | coreml (default: the "
+                                         "bundle's own, or torch)")
+    group.add_argument("--threads", type=int, help="CPU threads of the runtime")
 
 
 def _detector(args: argparse.Namespace, **overrides):
     from edgeface.detector import Detector
 
     slope = {"relu": 0.0, "leaky": 0.1, None: None}[args.activation]
-    return Detector(model=args.backbone, weights=args.weights, resize=args.resize, device=args.device,
-                    negative_slope=slope, **overrides)
+    return Detector(runtime=args.runtime, model=args.model, backbone=args.backbone, weights=args.weights,
+                    resize=args.resize, device=args.device, threads=args.threads, negative_slope=slope, **overrides)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -91,7 +95,7 @@ def cmd_eval_widerface(args: argparse.Namespace) -> int:
         detector = _detector(args, **WIDER_SETTINGS)
         result = evaluate_detector(detector.detect_arrays, args.images, gt, limit=args.limit,
                                    save_dir=args.save_preds)
-        what = f"{detector.config.name} ({args.weights}), resize {detector.resize}"
+        what = f"{detector.name} [{detector.runtime.source}], resize {detector.resize}"
     record = {"evaluated": what, **result.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2))

@@ -1,4 +1,4 @@
-"""``Detector``: image(s) in, :class:`~edgeface.face.Face` lists out."""
+"""``Detector``: image(s) in, :class:`~edgeface.face.Face` lists out, on any runtime."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
+from edgeface.errors import EdgefaceError
 from edgeface.face import Face
 from edgeface.images import load_image
-from edgeface.models import get_model
-from edgeface.processing import Detections, Letterbox, ResizePolicy, postprocess, preprocess
+from edgeface.processing import Detections, ResizePolicy, postprocess, preprocess
 
 ImageLike = str | os.PathLike | np.ndarray
 
@@ -19,59 +18,81 @@ ImageLike = str | os.PathLike | np.ndarray
 class Detector:
     """RetinaFace face detector.
 
-    >>> faces = Detector().detect("photo.jpg")          # list[Face]
-    >>> batches = Detector().detect([img_a, img_b])     # list[list[Face]]
+    >>> faces = Detector().detect("photo.jpg")                                  # list[Face], PyTorch
+    >>> faces = Detector(runtime="onnxruntime", model="bundles/onnx-fp32").detect(img)
+    >>> batches = Detector().detect([img_a, img_b])                             # list[list[Face]]
 
     Arrays are BGR uint8 (OpenCV's order). Defaults suit photographs; the WIDER FACE protocol uses
-    ``score_threshold=0.02`` (see :mod:`edgeface.benchmarks.widerface`).
+    ``score_threshold=0.02`` (see :mod:`edgeface.benchmarks.accuracy`). ``backbone``, ``weights`` and
+    ``negative_slope`` choose the PyTorch model (torch runtime); ``model`` is an exported bundle.
     """
 
     def __init__(
         self,
         *,
-        model: str = "retinaface_mnet025",
+        runtime=None,
+        model: str | os.PathLike | None = None,
+        backbone: str = "retinaface_mnet025",
         weights: str | os.PathLike | None = "default",
+        negative_slope: float | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+        resize: str | ResizePolicy | None = None,
         score_threshold: float = 0.5,
         nms_threshold: float = 0.4,
         top_k: int = 5000,
         keep_top_k: int = 750,
-        resize: str | ResizePolicy = "original",
-        device: str = "cpu",
-        negative_slope: float | None = None,
     ) -> None:
-        self.network = get_model(model, weights=weights, negative_slope=negative_slope).to(device)
-        self.config = self.network.config
-        self.device = torch.device(device)
-        self.resize = ResizePolicy.parse(resize)
+        from edgeface.runtimes import Runtime, open_runtime
+
+        if isinstance(runtime, Runtime):
+            self.runtime = runtime
+        else:
+            options = {"device": device, "threads": threads}
+            if model is None and runtime in (None, "torch"):
+                options.update(weights=weights, backbone=backbone, negative_slope=negative_slope)
+            self.runtime = open_runtime(runtime, model=model, **options)
+        native = self.runtime.resize
+        self.resize = ResizePolicy.parse(resize) if resize is not None else native
+        if native.mode == "fixed" and self.resize != native:
+            raise EdgefaceError(f"this model has a fixed input size ({native}); it cannot run with resize "
+                                f"{self.resize} (export another size, or a dynamic ONNX model)")
+        self.anchors = self.runtime.manifest.anchors
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
         self.top_k = top_k
         self.keep_top_k = keep_top_k
 
-    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw network outputs (loc, conf, landmarks) for a preprocessed NCHW batch."""
-        with torch.inference_mode():
-            outputs = self.network(torch.from_numpy(batch).to(self.device))
-        return tuple(t.float().cpu().numpy() for t in outputs)
+    @property
+    def name(self) -> str:
+        m = self.runtime.manifest
+        return f"{m.model['name']} {m.target}/{m.precision} ({self.runtime.name})"
 
     def detect_arrays(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        """BGR uint8 images -> detections as arrays (one network call for the whole batch)."""
-        batch, letterboxes = preprocess(images, policy=self.resize, mean_bgr=self.config.mean_bgr)
-        loc, conf, landmarks = self.infer(batch)
-        return [self._post(loc[i], conf[i], landmarks[i], lb) for i, lb in enumerate(letterboxes)]
-
-    def _post(self, loc, conf, landmarks, letterbox: Letterbox) -> Detections:
-        return postprocess(
-            loc, conf, landmarks, letterbox,
-            anchors=self.config.anchors,
-            score_threshold=self.score_threshold,
-            nms_threshold=self.nms_threshold,
-            top_k=self.top_k,
-            keep_top_k=self.keep_top_k,
-        )
+        """BGR uint8 images -> detections as arrays (batched as far as the model allows)."""
+        step = self.runtime.max_batch or len(images)
+        results = []
+        for start in range(0, len(images), step):
+            chunk = images[start:start + step]
+            batch, letterboxes = preprocess(chunk, policy=self.resize, mean_bgr=self.runtime.mean_bgr,
+                                            layout=self.runtime.layout)
+            if self.runtime.max_batch and len(batch) < self.runtime.max_batch and not self.runtime.manifest.dynamic:
+                pad = np.zeros((self.runtime.max_batch - len(batch), *batch.shape[1:]), batch.dtype)
+                batch = np.concatenate([batch, pad])  # a static batch is filled up, the extra rows ignored
+            out = self.runtime.infer(batch)
+            results += [
+                postprocess(out["loc"][i], out["conf"][i], out["landmarks"][i], letterbox, anchors=self.anchors,
+                            score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
+                            top_k=self.top_k, keep_top_k=self.keep_top_k)
+                for i, letterbox in enumerate(letterboxes)
+            ]
+        return results
 
     def detect(self, image: ImageLike | Sequence[ImageLike]) -> list[Face] | list[list[Face]]:
         """Faces of one image (path or array), or one list per image for a list of images."""
         if isinstance(image, (list, tuple)):
             return [d.to_faces() for d in self.detect_arrays([load_image(i) for i in image])]
         return self.detect_arrays([load_image(image)])[0].to_faces()
+
+    def close(self) -> None:
+        self.runtime.close()

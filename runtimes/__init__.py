@@ -1,0 +1,50 @@
+"""Runtime registry. Adding a backend = one module with a :class:`Runtime` subclass + one line here."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from typing import Any
+
+from edgeface.bundle import load_bundle
+from edgeface.errors import EdgefaceError
+from edgeface.runtimes.base import Runtime
+
+_RUNTIMES = {
+    "torch": "edgeface.runtimes.torch:TorchRuntime",
+    "onnxruntime": "edgeface.runtimes.onnxruntime:OnnxRuntime",
+    "tflite": "edgeface.runtimes.tflite:TFLiteRuntime",
+    "tensorrt": "edgeface.runtimes.tensorrt:TensorRTRuntime",
+    "coreml": "edgeface.runtimes.coreml:CoreMLRuntime",
+}
+# The runtime that runs each export target when none is named.
+DEFAULT_FOR_TARGET = {"onnx": "onnxruntime", "tflite": "tflite", "tensorrt": "tensorrt", "coreml": "coreml",
+                      "torch": "torch"}
+
+
+def list_runtimes() -> list[str]:
+    return list(_RUNTIMES)
+
+
+def get_runtime_class(name: str) -> type[Runtime]:
+    if name not in _RUNTIMES:
+        close = difflib.get_close_matches(name, list(_RUNTIMES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise EdgefaceError(f"unknown runtime {name!r}{hint} (runtimes: {', '.join(_RUNTIMES)})")
+    module, cls = _RUNTIMES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def open_runtime(runtime: str | None = None, *, model: str | os.PathLike | None = None, **options: Any) -> Runtime:
+    """Open ``model`` (a bundle directory) with ``runtime`` (default: the one for the bundle's target); without
+    a bundle, the torch runtime on ``weights=...``."""
+    bundle = load_bundle(model) if model is not None else None
+    if runtime is None:
+        runtime = DEFAULT_FOR_TARGET[bundle.manifest.target] if bundle else "torch"
+    if bundle is None and runtime != "torch":
+        raise EdgefaceError(f"the {runtime} runtime needs a bundle (--model DIR made by `edgeface export`)")
+    return get_runtime_class(runtime).open(bundle, **options)
+
+
+__all__ = ["Runtime", "list_runtimes", "get_runtime_class", "open_runtime", "DEFAULT_FOR_TARGET"]

@@ -1,0 +1,94 @@
+"""The one interface every backend implements. A runtime only moves tensors: it takes a pre-processed batch in the
+layout its manifest states and returns the raw outputs by name in the canonical layout (N, A, 4|2|10), float32.
+Pre- and post-processing stay in :mod:`edgeface.processing`, shared by all."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgeface.bundle import Bundle, Manifest
+from edgeface.errors import EdgefaceError
+from edgeface.processing import ResizePolicy
+
+OUTPUTS = ("loc", "conf", "landmarks")
+
+
+class Runtime(ABC):
+    """Subclasses set ``name`` and implement :meth:`open` and :meth:`infer`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, manifest: Manifest, *, source: str) -> None:
+        self.manifest = manifest
+        self.source = source  # bundle path or checkpoint, for reports
+
+    @classmethod
+    @abstractmethod
+    def open(cls, bundle: Bundle | None, **options: Any) -> "Runtime":
+        """Open a bundle (torch also accepts ``weights=...`` without one)."""
+
+    @abstractmethod
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw outputs for one pre-processed batch, by name, (N, A, k) float32."""
+
+    # What the shared pre-processing must produce for this model, all read from the manifest.
+    @property
+    def layout(self) -> str:
+        return self.manifest.input.layout
+
+    @property
+    def mean_bgr(self) -> tuple[float, float, float]:
+        return self.manifest.mean_bgr
+
+    @property
+    def resize(self) -> ResizePolicy:
+        return ResizePolicy.parse(self.manifest.preprocessing["resize"])
+
+    @property
+    def max_batch(self) -> int | None:
+        batch = self.manifest.input.shape[0]
+        if isinstance(batch, int):
+            return batch
+        return (self.manifest.dynamic or {}).get("batch", [None, None, None])[2]
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": self.name, "source": self.source, "target": self.manifest.target,
+                "precision": self.manifest.precision}
+
+    def close(self) -> None:
+        """Release the backend's resources (sessions, device memory)."""
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def quantize(batch: np.ndarray, quantization: dict[str, float], dtype: str) -> np.ndarray:
+    """float -> integer tensor of a fully quantised model (real = scale * (q - zero_point))."""
+    info = np.iinfo(np.dtype(dtype))
+    q = np.round(batch / quantization["scale"] + quantization["zero_point"])
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(tensor: np.ndarray, quantization: dict[str, float] | None) -> np.ndarray:
+    if quantization is None:
+        return tensor.astype(np.float32, copy=False)
+    return ((tensor.astype(np.float32) - quantization["zero_point"]) * quantization["scale"]).astype(np.float32)
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import an optional dependency, or say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise EdgefaceError(
+            f"{purpose} needs the Python package providing '{module}' ({exc}); install it with "
+            f"`pip install edgeface[{extra}]`"
+        ) from None

@@ -1,0 +1,55 @@
+"""The reference backend: eager PyTorch on CPU or CUDA, from a checkpoint (``weights=...``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeface.bundle import Bundle, manifest_for_model
+from edgeface.errors import EdgefaceError
+from edgeface.models import RetinaFace, get_model
+from edgeface.runtimes.base import OUTPUTS, Runtime
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+
+    def __init__(self, network: RetinaFace, *, device: str = "cpu", resize: str = "original") -> None:
+        manifest = manifest_for_model(network, target="torch", precision="fp32", files={},
+                                      dynamic={"batch": [1, 1, 64], "height": [32, 640, 4096],
+                                               "width": [32, 640, 4096]})
+        manifest.preprocessing["resize"] = resize
+        info = network.weights_info or {}
+        super().__init__(manifest, source=str(info.get("source", "random initialisation")))
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise EdgefaceError(f"device {device!r} requested but PyTorch sees no CUDA GPU; use --device cpu")
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+
+    @classmethod
+    def open(
+        cls,
+        bundle: Bundle | None = None,
+        *,
+        weights: Any = "default",
+        backbone: str = "retinaface_mnet025",
+        negative_slope: float | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+        resize: str = "original",
+    ) -> "TorchRuntime":
+        if bundle is not None:
+            raise EdgefaceError("the torch runtime runs checkpoints: pass --weights CHECKPOINT instead of a bundle")
+        if threads:
+            torch.set_num_threads(threads)
+        return cls(get_model(backbone, weights=weights, negative_slope=negative_slope), device=device, resize=resize)
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            outputs = self.network(torch.from_numpy(batch).to(self.device))
+        return {name: t.float().cpu().numpy() for name, t in zip(OUTPUTS, outputs)}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "device": str(self.device), "torch": torch.__version__}
