@@ -58,6 +58,8 @@ class Manifest:
     converter: dict[str, Any] = field(default_factory=dict)  # tool names and library versions
     parity: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
+    target_info: dict[str, Any] = field(default_factory=dict)  # target-specific facts (e.g. TensorRT build)
+    notes: list[str] = field(default_factory=list)
     sha256: dict[str, str] = field(default_factory=dict)  # every file of the bundle but the manifest
     export_seconds: float | None = None
     schema: str = SCHEMA

@@ -105,6 +105,49 @@ def cmd_eval_widerface(args: argparse.Namespace) -> int:
     return 0
 
 
+def _imgsz(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
+    except ValueError:
+        h = w = 0
+    if h <= 0 or w <= 0 or h % 32 or w % 32:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HxW with multiples of 32, e.g. 640x640 (or one number)")
+    return h, w
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edgeface.export.pipeline import default_image_dir, export_bundle
+
+    evaluate = None
+    if args.eval:
+        images = args.images or default_image_dir()
+        gt = args.gt or (Path(images).parents[1] / "ground_truth" if images else None)
+        if not images or not gt:
+            raise EdgefaceError("--eval needs WIDER FACE data: --images DIR --gt DIR (found no ../shared)")
+        evaluate = {"images": images, "gt": gt, "limit": args.limit}
+    slope = {"relu": 0.0, "leaky": 0.1, None: None}[args.activation]
+    options = {"int8_io": True} if args.int8_io else {}
+    bundle = export_bundle(args.target, precision=args.precision, out=args.out, backbone=args.backbone,
+                           weights=args.weights, negative_slope=slope, imgsz=args.imgsz, dynamic=args.dynamic,
+                           calib=args.calib, calib_n=args.calib_n, opset=args.opset, verify=not args.no_verify,
+                           evaluate=evaluate, options=options)
+    m = bundle.manifest
+    size = sum(p.stat().st_size for p in bundle.path.rglob("*") if p.is_file() and "parity" not in p.parts)
+    print(f"{bundle.path}: {m.target} {m.precision}, {size / 1e6:.2f} MB, parity {m.parity.get('status')}")
+    if m.accuracy:
+        w = m.accuracy["widerface"]
+        print("WIDER FACE AP " + ", ".join(f"{k} {w['ap'][k]:.4f} ({w['delta_ap'][k]:+.4f})" for k in w["ap"]))
+    return 0
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from edgeface.export.tensorrt import build_engine
+
+    print(build_engine(args.bundle, workspace_mb=args.workspace_mb, verify=not args.no_verify))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeface", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +160,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nms", type=float, default=0.4, help="NMS IoU threshold (default 0.4)")
     _model_options(p)
     p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("export", help="export a bundle for an edge target (with parity check)")
+    p.add_argument("--target", required=True,
+                   help="onnx | tflite | coreml | tensorrt, or a board: jetson, android, rpi, ios, x86")
+    p.add_argument("--precision", help="fp32 | fp16 | int8 (default: the target's first: fp32, or fp16 for "
+                                       "coreml/tensorrt)")
+    p.add_argument("--imgsz", type=_imgsz, help="static input HxW (default 640x640)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (onnx, tensorrt)")
+    p.add_argument("--calib", help="calibration images for int8 (default: the WIDER images in ../shared)")
+    p.add_argument("--calib-n", type=int, default=100, help="number of calibration images (default 100)")
+    p.add_argument("--int8-io", action="store_true", help="tflite int8: integer input/output tensors (NPUs)")
+    p.add_argument("--out", help="bundle directory (default bundles/<model>-<target>-<precision>-<size>)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, parsed by TensorRT >= 8.5)")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
+    p.add_argument("--eval", action="store_true", help="also measure WIDER FACE AP and its delta to FP32")
+    p.add_argument("--images", help="WIDER images for --eval (default ../shared)")
+    p.add_argument("--gt", help="WIDER ground truth for --eval (default ../shared)")
+    p.add_argument("--limit", type=int, help="--eval on N images spread over all events")
+    group = p.add_argument_group("model")
+    group.add_argument("--backbone", default="retinaface_mnet025")
+    group.add_argument("--weights", default="default")
+    group.add_argument("--activation", choices=["relu", "leaky"])
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build-engine", help="build the TensorRT engine of a jetson bundle on this device")
+    p.add_argument("bundle")
+    p.add_argument("--workspace-mb", type=int)
+    p.add_argument("--no-verify", action="store_true", help="skip the check against the bundle's parity images")
+    p.set_defaults(func=cmd_build_engine)
 
     p = sub.add_parser("eval", help="accuracy on a benchmark")
     bench = p.add_subparsers(dest="benchmark", required=True)

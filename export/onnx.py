@@ -1,0 +1,186 @@
+"""ONNX: named inputs/outputs, static or dynamic (batch, height, width), simplified with onnxsim and checked after
+simplification; FP16 with float32 inputs/outputs; INT8 by onnxruntime static quantisation (QDQ, per-channel
+weights) calibrated on real images."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from edgeface.errors import EdgefaceError
+from edgeface.export.base import Conversion, ExportRequest, library_versions
+from edgeface.runtimes.base import OUTPUTS, require
+
+MODEL_FILE = "model.onnx"
+# Dynamic ranges recorded in the manifest (TensorRT optimisation profiles use them too): [min, opt, max].
+DYNAMIC_RANGES = {"batch": [1, 1, 8], "height": [32, 640, 2048], "width": [32, 640, 2048]}
+# INT8 recipe, chosen by measured WIDER FACE AP (README, "Choosing the INT8 recipe"): calibration method and the
+# nodes kept in float (the three output heads and the softmax, whose outputs are decoded with exp()).
+INT8_METHOD = "percentile"
+INT8_PERCENTILE = 99.999
+INT8_KEEP_FLOAT = ("heads",)
+
+
+def export_float(model: torch.nn.Module, input_hw: tuple[int, int] | None, dynamic_batch: bool, opset: int
+                 ) -> onnx.ModelProto:
+    """torch -> ONNX (TorchScript exporter: it targets opset 17, which every TensorRT since 8.6 parses)."""
+    h, w = input_hw or (640, 640)
+    dynamic_axes = None
+    if input_hw is None or dynamic_batch:
+        axes = {0: "batch"} if dynamic_batch else {}
+        if input_hw is None:
+            axes |= {2: "height", 3: "width"}
+        out_axes = {0: "batch"} if dynamic_batch else {}
+        if input_hw is None:
+            out_axes |= {1: "priors"}
+        dynamic_axes = {"input": axes, **{name: out_axes for name in OUTPUTS}}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notice; its output is what TensorRT needs
+        torch.onnx.export(model.eval(), torch.zeros(1, 3, h, w), buffer, dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=list(OUTPUTS), dynamic_axes=dynamic_axes,
+                          do_constant_folding=True)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def simplify(proto: onnx.ModelProto, input_hw: tuple[int, int] | None) -> onnx.ModelProto:
+    onnxsim = require("onnxsim", "onnx", "ONNX simplification")
+    kwargs: dict[str, Any] = {}
+    if input_hw is None:  # give onnxsim a concrete shape to check with; the graph stays dynamic
+        kwargs["test_input_shapes"] = {"input": [1, 3, 480, 640]}
+    simplified, ok = onnxsim.simplify(proto, **kwargs)
+    if not ok:
+        raise EdgefaceError("onnxsim could not validate the simplified ONNX model against the original")
+    onnx.checker.check_model(simplified)
+    return simplified
+
+
+def _max_output_diff(a: onnx.ModelProto, b: onnx.ModelProto, input_hw: tuple[int, int] | None) -> float:
+    import onnxruntime as ort
+
+    h, w = input_hw or (480, 640)
+    x = np.random.default_rng(0).normal(0, 60, (1, 3, h, w)).astype(np.float32)
+    outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+            for m in (a, b)]
+    return max(float(np.abs(p - q).max()) for p, q in zip(*outs))
+
+
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    float16 = require("onnxconverter_common", "onnx", "ONNX FP16 conversion")
+    # Inputs and outputs stay float32 so that every caller feeds and reads the same tensors.
+    return float16.float16.convert_float_to_float16(proto, keep_io_types=True)
+
+
+def head_nodes(proto: onnx.ModelProto) -> list[str]:
+    """The nodes between the last SSH activations and the outputs: 1x1 head convolutions, reshapes, concats,
+    softmax. Their outputs are decoded (exp of box sizes, landmark offsets), which 8-bit steps visibly disturb."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    keep, stack = set(), list(OUTPUTS)
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or node.name in keep:
+            continue
+        keep.add(node.name)
+        if node.op_type == "Conv":
+            continue  # a head conv: stop at its input, the SSH output
+        stack.extend(node.input)
+    return sorted(keep)
+
+
+class _Reader:
+    """onnxruntime calibration data reader over pre-processed real images."""
+
+    def __init__(self, batches: tuple[np.ndarray, ...]) -> None:
+        self._batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {"input": batch}
+
+
+def to_int8(proto: onnx.ModelProto, calibration: tuple[np.ndarray, ...], *, method: str = INT8_METHOD,
+            keep_float: tuple[str, ...] = INT8_KEEP_FLOAT, symmetric_activations: bool = False,
+            percentile: float = INT8_PERCENTILE) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Static INT8 (QDQ, per-channel weights). ``symmetric_activations`` for TensorRT, which takes symmetric
+    int8 only."""
+    quantization = require("onnxruntime.quantization", "onnx", "ONNX INT8 quantisation")
+    import tempfile
+
+    methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
+               "percentile": quantization.CalibrationMethod.Percentile}
+    # "heads" names the output heads; any other entry is a node-name prefix such as "/body/stage1/".
+    exclude = head_nodes(proto) if "heads" in keep_float else []
+    exclude += [n.name for n in proto.graph.node
+                if any(n.name.startswith(p) for p in keep_float if p != "heads") and n.name not in exclude]
+    extra = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True}
+    if method == "percentile":
+        extra["CalibPercentile"] = percentile
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(proto, src)
+        quantization.quantize_static(
+            str(src), str(dst), _Reader(calibration),
+            quant_format=quantization.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=quantization.QuantType.QInt8 if symmetric_activations else quantization.QuantType.QUInt8,
+            weight_type=quantization.QuantType.QInt8,
+            calibrate_method=methods[method],
+            nodes_to_exclude=exclude,
+            extra_options=extra,
+        )
+        quantized = onnx.load(dst)
+    info = {"method": method, "images": len(calibration), "format": "QDQ", "weights": "int8 per-channel symmetric",
+            "activations": "int8 symmetric" if symmetric_activations else "uint8 asymmetric",
+            "nodes_kept_float": exclude, "tool": "onnxruntime.quantization.quantize_static"}
+    if method == "percentile":
+        info["percentile"] = percentile
+    return quantized, info
+
+
+def build(model: torch.nn.Module, request: ExportRequest, *, symmetric_activations: bool = False
+          ) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, Any]]:
+    """The ONNX model of a request, with calibration details and checks; shared with the TensorRT target."""
+    proto = export_float(model, request.input_hw, request.dynamic_batch, request.opset)
+    simplified = simplify(proto, request.input_hw)
+    checks = {"onnxsim_max_abs_diff": _max_output_diff(proto, simplified, request.input_hw),
+              "nodes_before_simplify": len(proto.graph.node), "nodes": len(simplified.graph.node)}
+    if checks["onnxsim_max_abs_diff"] > 1e-3:
+        raise EdgefaceError(f"onnxsim changed the model's outputs by {checks['onnxsim_max_abs_diff']:.2e}")
+    calibration = None
+    if request.precision == "fp16":
+        simplified = to_fp16(simplified)
+    elif request.precision == "int8":
+        options = {k: request.options[k] for k in ("method", "keep_float", "percentile") if k in request.options}
+        simplified, calibration = to_int8(simplified, request.calibration,
+                                          symmetric_activations=symmetric_activations, **options)
+        calibration["source"] = request.calibration_source
+    onnx.checker.check_model(simplified)
+    return simplified, calibration, checks
+
+
+def dynamic_ranges(request: ExportRequest) -> dict[str, list[int]] | None:
+    dims = {}
+    if request.dynamic_batch:
+        dims["batch"] = DYNAMIC_RANGES["batch"]
+    if request.input_hw is None:
+        dims |= {"height": DYNAMIC_RANGES["height"], "width": DYNAMIC_RANGES["width"]}
+    return dims or None
+
+
+def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Conversion:
+    proto, calibration, checks = build(model, request)
+    onnx.save(proto, out_dir / MODEL_FILE)
+    return Conversion(
+        files={"model": MODEL_FILE},
+        dynamic=dynamic_ranges(request),
+        calibration=calibration,
+        converter={"exporter": "torch.onnx.export (TorchScript)", "opset": request.opset, "simplifier": "onnxsim",
+                   "checks": checks,
+                   "versions": library_versions("torch", "onnx", "onnxsim", "onnxruntime", "onnxconverter-common")},
+    )

@@ -1,0 +1,216 @@
+"""The export flow every target shares: model -> converter -> manifest -> parity on real images -> (WIDER FACE
+evaluation) -> atomic publication of the bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edgeface.bundle import Bundle, load_bundle, manifest_for_model, staging_dir, write_manifest
+from edgeface.errors import EdgefaceError
+from edgeface.export import get_converter, resolve_precision, resolve_target
+from edgeface.export.base import ExportRequest
+from edgeface.images import list_images, load_image
+from edgeface.models import get_model
+from edgeface.processing import ResizePolicy, preprocess
+
+DEFAULT_IMGSZ = (640, 640)
+DYNAMIC_CALIBRATION_HW = (640, 640)  # onnxruntime histogram calibration holds every activation: keep it small
+STATIC_ONLY = {"tflite": "TFLite models are exported per input size (dynamic sizes convert but fail at run time)",
+               "coreml": "Core ML bundles use a fixed input size"}
+PARITY_IMAGES = 8
+
+
+def default_image_dir() -> Path | None:
+    """The shared WIDER FACE images, when present: $EDGEFACE_SHARED or ../shared."""
+    shared = Path(os.environ.get("EDGEFACE_SHARED", "../shared"))
+    images = shared / "data" / "widerface" / "val" / "images"
+    return images if images.is_dir() else None
+
+
+def spread(paths: list[Path], n: int) -> list[Path]:
+    if n >= len(paths):
+        return paths
+    return [paths[i] for i in np.linspace(0, len(paths) - 1, n).round().astype(int)]
+
+
+def default_out(model: str, target: str, precision: str, input_hw: tuple[int, int] | None) -> Path:
+    size = f"{input_hw[0]}x{input_hw[1]}" if input_hw else "dynamic"
+    return Path("bundles") / f"{model}-{target}-{precision}-{size}"
+
+
+def export_bundle(
+    target: str,
+    *,
+    precision: str | None = None,
+    out: str | os.PathLike | None = None,
+    backbone: str = "retinaface_mnet025",
+    weights: Any = "default",
+    negative_slope: float | None = None,
+    imgsz: tuple[int, int] | None = None,
+    dynamic: bool = False,
+    calib: str | os.PathLike | None = None,
+    calib_n: int = 100,
+    opset: int = 17,
+    verify: bool = True,
+    evaluate: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Bundle:
+    """Export one bundle; returns it loaded. ``evaluate``: {"images": DIR, "gt": DIR, "limit": N} adds the WIDER
+    FACE AP of the artifact and its delta to FP32 PyTorch to the manifest."""
+    started = time.perf_counter()
+    target = resolve_target(target)
+    precision = resolve_precision(target, precision)
+    if dynamic and target in STATIC_ONLY:
+        raise EdgefaceError(f"--dynamic is not available for {target}: {STATIC_ONLY[target]}; use --imgsz HxW")
+    if dynamic and imgsz:
+        raise EdgefaceError("give either --imgsz HxW or --dynamic, not both")
+    input_hw = None if dynamic else tuple(imgsz or DEFAULT_IMGSZ)
+    if input_hw:
+        ResizePolicy.parse(f"fixed:{input_hw[0]}x{input_hw[1]}")  # validates multiples of 32
+    log = (lambda msg: print(f"edgeface export: {msg}", file=sys.stderr)) if progress else (lambda msg: None)
+
+    model = get_model(backbone, weights=weights, negative_slope=negative_slope)
+    policy = ResizePolicy("fixed", input_hw) if input_hw else ResizePolicy()
+    # Calibration batches must share one shape (onnxruntime stacks its histograms): a dynamic model is
+    # calibrated at a fixed size close to the images it will see at original scale.
+    calibration_policy = policy if input_hw else ResizePolicy("fixed", DYNAMIC_CALIBRATION_HW)
+    image_dir = Path(calib) if calib else default_image_dir()
+    sample_paths = list_images(image_dir) if image_dir else []
+    if calib and not sample_paths:
+        raise EdgefaceError(f"no images found under --calib {calib}")
+    calibration: tuple[np.ndarray, ...] = ()
+    if precision == "int8":
+        if not sample_paths:
+            raise EdgefaceError("INT8 needs calibration images: pass --calib DIR (real photographs with faces; "
+                                "the shared WIDER FACE images are used when ../shared is present)")
+        chosen = spread(sample_paths, calib_n)
+        log(f"calibrating on {len(chosen)} images from {image_dir}")
+        calibration = tuple(_calibration_input(p, calibration_policy, model.config.mean_bgr) for p in chosen)
+    request = ExportRequest(target=target, precision=precision, input_hw=input_hw, dynamic_batch=dynamic,
+                            opset=opset, calibration=calibration,
+                            calibration_source=str(image_dir) if calibration else "", options=dict(options or {}))
+    out = Path(out) if out else default_out(model.config.name, target, precision, input_hw)
+
+    with staging_dir(out) as tmp:
+        log(f"converting {model.config.name} to {target} {precision} "
+            f"({'dynamic' if input_hw is None else f'{input_hw[0]}x{input_hw[1]}'})")
+        conversion = get_converter(target)(model, tmp, request)
+        manifest = manifest_for_model(model, target=target, precision=precision, files=conversion.files,
+                                      layout=conversion.layout, input_hw=input_hw, dynamic=conversion.dynamic,
+                                      mean_in_graph=conversion.mean_in_graph, input_dtype=conversion.input_dtype)
+        manifest.input.quantization = conversion.input_quantization
+        for spec in manifest.outputs:
+            if conversion.output_dtypes:
+                spec.dtype = conversion.output_dtypes.get(spec.name, spec.dtype)
+            if conversion.output_quantization:
+                spec.quantization = conversion.output_quantization.get(spec.name)
+        manifest.calibration = conversion.calibration
+        manifest.converter = conversion.converter
+        manifest.target_info = conversion.extra
+        manifest.notes = conversion.notes
+        parity_paths = [resources.files("edgeface") / "assets" / "astronaut.jpg"] + spread(sample_paths,
+                                                                                         PARITY_IMAGES - 1)
+        _write_parity_set(tmp, model, policy, parity_paths)
+        write_manifest(tmp, manifest)
+        if verify:
+            manifest.parity = _parity(tmp, model, precision, conversion.not_runnable_here, log)
+        else:
+            manifest.parity = {"status": "skipped", "reason": "--no-verify"}
+        if evaluate:
+            manifest.accuracy = _evaluate(tmp, model, conversion.not_runnable_here, evaluate, progress, log)
+        manifest.export_seconds = round(time.perf_counter() - started, 1)
+        write_manifest(tmp, manifest)
+    log(f"wrote {out} in {manifest.export_seconds} s")
+    return load_bundle(out)
+
+
+def _calibration_input(path: Path, policy: ResizePolicy, mean_bgr) -> np.ndarray:
+    batch, _ = preprocess([load_image(path)], policy=policy, mean_bgr=mean_bgr)
+    return batch
+
+
+def _torch_detector(model, policy: ResizePolicy, **thresholds):
+    from edgeface.detector import Detector
+    from edgeface.runtimes.torch import TorchRuntime
+
+    return Detector(runtime=TorchRuntime(model, resize=str(policy)), resize=policy, **thresholds)
+
+
+def _write_parity_set(bundle_dir: Path, model, policy: ResizePolicy, paths: list) -> None:
+    """A few real images and the FP32 PyTorch detections on them, so the bundle can be checked on the device
+    (``edgeface build-engine`` does) without PyTorch or the original data."""
+    folder = bundle_dir / "parity"
+    folder.mkdir()
+    from edgeface.benchmarks.parity import LOOSE_THRESHOLD
+
+    reference = _torch_detector(model, policy, score_threshold=LOOSE_THRESHOLD)
+    records = []
+    for index, path in enumerate(paths):
+        image = load_image(path)
+        name = f"{index:02d}.jpg"
+        cv2.imwrite(str(folder / name), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        image = load_image(folder / name)  # the reference is computed on the stored (re-encoded) pixels
+        records.append({"image": name, "faces": [f.to_dict() for f in reference.detect(image)]})
+    (folder / "reference.json").write_text(json.dumps(
+        {"resize": str(policy), "score_threshold": LOOSE_THRESHOLD, "nms_iou": 0.4, "images": records}, indent=1))
+
+
+def parity_images(bundle_dir: Path) -> list[np.ndarray]:
+    return [load_image(p) for p in sorted((bundle_dir / "parity").glob("*.jpg"))]
+
+
+def _parity(bundle_dir: Path, model, precision: str, not_runnable: str | None, log) -> dict[str, Any]:
+    from edgeface.benchmarks.parity import compare
+    from edgeface.detector import Detector
+
+    if not_runnable:
+        log(f"parity skipped: {not_runnable}")
+        return {"status": "skipped", "reason": not_runnable}
+    candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir))
+    reference = _torch_detector(model, candidate.resize)
+    report = compare(reference, candidate, parity_images(bundle_dir)).check(precision)
+    candidate.close()
+    log(f"parity: {report.summary()}")
+    if not report.passed:
+        raise EdgefaceError(
+            f"the {precision} artifact does not reproduce PyTorch within tolerance ({report.summary()}; tolerance "
+            f"{report.tolerance}); nothing was written. Use --no-verify to keep it anyway"
+        )
+    return {"status": "passed", "runtime": candidate.runtime.name, **report.to_dict()}
+
+
+def _runtime_here(bundle_dir: Path) -> str | None:
+    """The runtime that checks a bundle on this machine (the Jetson bundle's ONNX runs in onnxruntime here)."""
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    return manifest.get("target_info", {}).get("verify_runtime")
+
+
+def _evaluate(bundle_dir: Path, model, not_runnable: str | None, spec: dict[str, Any], progress: bool, log):
+    from edgeface.benchmarks.accuracy import WIDER_SETTINGS, evaluate_detector
+    from edgeface.benchmarks.widerface import load_ground_truth
+    from edgeface.detector import Detector
+
+    if not_runnable:
+        return {"status": "skipped", "reason": not_runnable}
+    gt = load_ground_truth(spec["gt"])
+    candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir), **WIDER_SETTINGS)
+    log(f"WIDER FACE evaluation of the artifact ({candidate.resize})")
+    ours = evaluate_detector(candidate.detect_arrays, spec["images"], gt, limit=spec.get("limit"), progress=progress)
+    candidate.close()
+    log("WIDER FACE evaluation of FP32 PyTorch, same input policy")
+    reference = _torch_detector(model, candidate.resize, **WIDER_SETTINGS)
+    base = evaluate_detector(reference.detect_arrays, spec["images"], gt, limit=spec.get("limit"), progress=progress)
+    delta = {k: round(ours.ap[k] - base.ap[k], 5) for k in ours.ap}
+    log("AP " + ", ".join(f"{k} {ours.ap[k]:.4f} ({delta[k]:+.4f} vs fp32)" for k in ours.ap))
+    return {"widerface": {**ours.to_dict(), "resize": str(candidate.resize), "fp32_torch_ap": base.ap,
+                          "delta_ap": delta, "images_dir": str(spec["images"])}}

@@ -1,0 +1,171 @@
+"""TensorRT (Jetson): engines are specific to one GPU and one TensorRT version, so the bundle carries the ONNX
+(FP32 weights for an FP16 build, or explicit symmetric QDQ for INT8, which TensorRT consumes directly), the
+manifest with the build settings, and is turned into an engine on the device by :func:`build_engine`
+(``edgeface build-engine BUNDLE``), which then checks the engine against the bundle's parity images.
+
+What this machine verifies: the ONNX (run in onnxruntime against PyTorch on real images by the export pipeline),
+that every operator is one TensorRT's ONNX parser supports at this opset, and the shapes / optimisation profile.
+What only the device can verify: the parse, the engine build and the engine's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+import onnx
+
+from edgeface.errors import EdgefaceError
+from edgeface.export import onnx as onnx_export
+from edgeface.export.base import Conversion, ExportRequest, library_versions
+
+MODEL_FILE = "model.onnx"
+ENGINE_FILE = "model.engine"
+TIMING_CACHE = "timing.cache"
+# ONNX operators that TensorRT's ONNX parser (onnx-tensorrt, TensorRT 8.5 and newer) converts, restricted to
+# the ones a convolutional detector can produce; opset 17 is the newest that TensorRT 8.5/8.6 (JetPack 5/6.0)
+# parse, TensorRT 10 parses 9-20.
+TENSORRT_OPS = frozenset("""
+Abs Add AveragePool BatchNormalization Cast Ceil Clip Concat Constant ConstantOfShape Conv ConvTranspose
+DequantizeLinear Div Elu Equal Erf Exp Expand Flatten Floor Gather Gemm GlobalAveragePool GlobalMaxPool
+HardSigmoid HardSwish Identity LeakyRelu MatMul Max MaxPool Min Mul Neg Pad PRelu QuantizeLinear Range Reciprocal
+ReduceMax ReduceMean Relu Reshape Resize Shape Sigmoid Slice Softmax Split Sqrt Squeeze Sub Tanh Tile Transpose
+Unsqueeze Where
+""".split())
+MAX_OPSET = 17
+WORKSPACE_MB = 1024
+
+
+def check_operators(proto: onnx.ModelProto) -> list[str]:
+    ops = sorted({node.op_type for node in proto.graph.node})
+    unsupported = [op for op in ops if op not in TENSORRT_OPS]
+    if unsupported:
+        raise EdgefaceError(f"the ONNX model uses operators TensorRT's parser does not take: {unsupported}")
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset > MAX_OPSET:
+        raise EdgefaceError(f"opset {opset} is newer than TensorRT 8.5/8.6 (Jetson) parse; export with --opset "
+                            f"{MAX_OPSET}")
+    for node in proto.graph.node:
+        if node.op_type == "Resize":
+            mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
+            if mode not in ("nearest", "linear"):
+                raise EdgefaceError(f"Resize mode {mode!r} is not supported by TensorRT")
+    return ops
+
+
+def profile(request: ExportRequest) -> dict[str, list[list[int]]]:
+    """Optimisation profile of the input: min / opt / max shapes (a static model has all three equal)."""
+    if request.input_hw and not request.dynamic_batch:
+        shape = [1, 3, *request.input_hw]
+        return {"min": shape, "opt": shape, "max": shape}
+    ranges = onnx_export.dynamic_ranges(request)
+    batch = ranges.get("batch", [1, 1, 1])
+    h = ranges.get("height", [request.input_hw[0]] * 3 if request.input_hw else None)
+    w = ranges.get("width", [request.input_hw[1]] * 3 if request.input_hw else None)
+    return {k: [batch[i], 3, h[i], w[i]] for i, k in enumerate(("min", "opt", "max"))}
+
+
+def convert(model, out_dir: Path, request: ExportRequest) -> Conversion:
+    # FP16: TensorRT builds FP16 kernels from FP32 weights itself (keeping FP32 where it must), so the ONNX stays
+    # FP32. INT8: symmetric activations, as TensorRT requires of explicit quantisation.
+    onnx_request = dataclasses.replace(request, precision="fp32") if request.precision == "fp16" else request
+    proto, calibration, checks = onnx_export.build(model, onnx_request, symmetric_activations=True)
+    operators = check_operators(proto)
+    onnx.save(proto, out_dir / MODEL_FILE)
+    build = {"precision": request.precision,
+             "builder_flags": {"fp32": [], "fp16": ["FP16"], "int8": ["INT8", "FP16"]}[request.precision],
+             "profile": profile(request), "workspace_mb": WORKSPACE_MB,
+             "command": f"edgeface build-engine BUNDLE  (writes {ENGINE_FILE}, {TIMING_CACHE})"}
+    return Conversion(
+        files={"model": MODEL_FILE},
+        dynamic=onnx_export.dynamic_ranges(request),
+        calibration=calibration,
+        converter={"exporter": "torch.onnx.export (TorchScript)", "opset": request.opset, "simplifier": "onnxsim",
+                   "checks": checks,
+                   "versions": library_versions("torch", "onnx", "onnxsim", "onnxruntime", "onnxconverter-common")},
+        notes=["The engine is built on the device: `edgeface build-engine BUNDLE` (TensorRT Python API)."],
+        extra={
+            "verify_runtime": "onnxruntime",
+            "build": build,
+            "onnx_operators": operators,
+            "verified_here": ["ONNX outputs vs PyTorch on real images (onnxruntime)", "ONNX checker",
+                              f"operators parseable by TensorRT >= 8.5 at opset <= {MAX_OPSET}",
+                              "input shapes and optimisation profile"],
+            "verified_on_device_only": ["ONNX parse by TensorRT", "engine build", "engine outputs vs the bundle's "
+                                        "parity images (done by build-engine)"],
+        },
+    )
+
+
+def build_engine(bundle_dir: str | Path, *, workspace_mb: int | None = None, verify: bool = True,
+                 progress: bool = True) -> Path:
+    """Build ``model.engine`` from a TensorRT bundle's ONNX with the TensorRT Python API (on the device that will
+    run it), reusing and updating the bundle's timing cache, then check it against the parity images."""
+    from edgeface.bundle import load_bundle, write_manifest
+    from edgeface.runtimes.base import require
+
+    trt = require("tensorrt", "tensorrt", "Building a TensorRT engine")
+    bundle = load_bundle(bundle_dir)
+    manifest = bundle.manifest
+    if manifest.target != "tensorrt":
+        raise EdgefaceError(f"{bundle_dir} is a {manifest.target} bundle; build-engine takes a tensorrt (jetson) "
+                            "bundle from `edgeface export --target jetson`")
+    settings = manifest.target_info["build"]
+    log = (lambda m: print(f"edgeface build-engine: {m}", file=sys.stderr)) if progress else (lambda m: None)
+    started = time.perf_counter()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # required before TensorRT 10
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(bundle.file())):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EdgefaceError(f"TensorRT could not parse {bundle.file()}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, (workspace_mb or settings["workspace_mb"]) << 20)
+    for flag in settings["builder_flags"]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    shapes = settings["profile"]
+    opt_profile = builder.create_optimization_profile()
+    opt_profile.set_shape(manifest.input.name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(opt_profile)
+    cache_file = bundle.path / TIMING_CACHE
+    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    log(f"building {settings['precision']} engine (profile {shapes}); this takes minutes on a Jetson")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EdgefaceError("TensorRT failed to build the engine (see the TensorRT log above)")
+    engine_tmp = bundle.path / (ENGINE_FILE + ".tmp")
+    engine_tmp.write_bytes(bytes(serialized))
+    engine_tmp.replace(bundle.path / ENGINE_FILE)
+    cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
+    manifest.files["engine"] = ENGINE_FILE
+    manifest.target_info["engine"] = {"tensorrt": trt.__version__, "built_seconds": round(time.perf_counter() - started, 1),
+                                      "device": _gpu_name()}
+    write_manifest(bundle.path, manifest)
+    log(f"wrote {bundle.path / ENGINE_FILE}")
+    if verify:
+        from edgeface.benchmarks.parity import compare_to_reference
+        from edgeface.detector import Detector
+
+        report = compare_to_reference(Detector(model=bundle.path, runtime="tensorrt"), bundle.path)
+        report.check(manifest.precision)
+        manifest.target_info["engine"]["parity"] = report.to_dict()
+        write_manifest(bundle.path, manifest)
+        log(f"engine parity: {report.summary()}")
+        if not report.passed:
+            raise EdgefaceError(f"the engine does not reproduce the bundle's reference detections: {report.summary()}")
+    return bundle.path / ENGINE_FILE
+
+
+def _gpu_name() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        return None
