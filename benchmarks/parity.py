@@ -110,7 +110,7 @@ def compare(reference, candidate, images: Sequence[np.ndarray]) -> ParityReport:
         raw, dets = [], []
         for det in (reference, candidate):
             batch, (letterbox,) = preprocess([image], policy=candidate.resize, mean_bgr=det.runtime.mean_bgr,
-                                             layout=det.runtime.layout)
+                                             pad_bgr=det.runtime.pad_bgr, layout=det.runtime.layout)
             out = det.runtime.infer(batch)
             raw.append(out)
             dets.append(postprocess(out["loc"][0], out["conf"][0], out["landmarks"][0], letterbox,
@@ -140,7 +140,7 @@ def compare_to_reference(candidate, bundle_dir) -> ParityReport:
             np.array([[f["landmarks"][n] for n in LANDMARK_NAMES] for f in faces], np.float32).reshape(-1, 5, 2))
         image = load_image(folder / record["image"])
         batch, (letterbox,) = preprocess([image], policy=candidate.resize, mean_bgr=candidate.runtime.mean_bgr,
-                                         layout=candidate.runtime.layout)
+                                         pad_bgr=candidate.runtime.pad_bgr, layout=candidate.runtime.layout)
         out = candidate.runtime.infer(batch)
         tally.add(ref, postprocess(out["loc"][0], out["conf"][0], out["landmarks"][0], letterbox,
                                    anchors=candidate.anchors, score_threshold=LOOSE_THRESHOLD))

@@ -105,15 +105,20 @@ def cmd_eval_widerface(args: argparse.Namespace) -> int:
     return 0
 
 
-def _imgsz(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    try:
-        h, w = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
-    except ValueError:
-        h = w = 0
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise argparse.ArgumentTypeError(f"{text!r}: give HxW with multiples of 32, e.g. 640x640 (or one number)")
-    return h, w
+def _imgsz(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.lower().split(","):
+        parts = item.split("x")
+        try:
+            h, w = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
+        except ValueError:
+            h = w = 0
+        if h <= 0 or w <= 0 or h % 32 or w % 32:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: give HxW with multiples of 32, e.g. 640x640 (or one number; several, comma-separated, "
+                "for Core ML enumerated sizes)")
+        sizes.append((h, w))
+    return sizes
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -128,8 +133,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         evaluate = {"images": images, "gt": gt, "limit": args.limit}
     slope = {"relu": 0.0, "leaky": 0.1, None: None}[args.activation]
     options = {"int8_io": True} if args.int8_io else {}
+    sizes = args.imgsz or [None]
+    if len(sizes) > 1:
+        if args.target not in ("coreml", "ios"):
+            raise EdgefaceError("several --imgsz sizes (enumerated shapes) are for Core ML only; export one bundle "
+                                "per size for other targets")
+        options["enumerated_sizes"] = sizes
     bundle = export_bundle(args.target, precision=args.precision, out=args.out, backbone=args.backbone,
-                           weights=args.weights, negative_slope=slope, imgsz=args.imgsz, dynamic=args.dynamic,
+                           weights=args.weights, negative_slope=slope, imgsz=sizes[0], dynamic=args.dynamic,
                            calib=args.calib, calib_n=args.calib_n, opset=args.opset, verify=not args.no_verify,
                            evaluate=evaluate, options=options)
     m = bundle.manifest
@@ -166,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx | tflite | coreml | tensorrt, or a board: jetson, android, rpi, ios, x86")
     p.add_argument("--precision", help="fp32 | fp16 | int8 (default: the target's first: fp32, or fp16 for "
                                        "coreml/tensorrt)")
-    p.add_argument("--imgsz", type=_imgsz, help="static input HxW (default 640x640)")
+    p.add_argument("--imgsz", type=_imgsz, help="static input HxW (default 640x640); coreml also takes several, "
+                                                "comma-separated, as enumerated sizes")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (onnx, tensorrt)")
     p.add_argument("--calib", help="calibration images for int8 (default: the WIDER images in ../shared)")
     p.add_argument("--calib-n", type=int, default=100, help="number of calibration images (default 100)")

@@ -75,7 +75,7 @@ class Detector:
         for start in range(0, len(images), step):
             chunk = images[start:start + step]
             batch, letterboxes = preprocess(chunk, policy=self.resize, mean_bgr=self.runtime.mean_bgr,
-                                            layout=self.runtime.layout)
+                                            pad_bgr=self.runtime.pad_bgr, layout=self.runtime.layout)
             if self.runtime.max_batch and len(batch) < self.runtime.max_batch and not self.runtime.manifest.dynamic:
                 pad = np.zeros((self.runtime.max_batch - len(batch), *batch.shape[1:]), batch.dtype)
                 batch = np.concatenate([batch, pad])  # a static batch is filled up, the extra rows ignored

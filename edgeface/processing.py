@@ -105,10 +105,13 @@ def preprocess(
     policy: ResizePolicy,
     mean_bgr: Sequence[float],
     layout: str = "NCHW",
+    pad_bgr: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, list[Letterbox]]:
-    """BGR uint8 images -> one float32 batch (mean subtracted, zero-padded to a common size).
+    """BGR uint8 images -> one float32 batch (``mean_bgr`` subtracted, padded to a common size).
 
-    Padding is zero after the mean subtraction, as the convolutions' own padding is.
+    Padding is the model's mean colour ``pad_bgr`` (default ``mean_bgr``), i.e. zero once the mean is subtracted,
+    as the convolutions' own padding is; a model that subtracts the mean itself passes ``mean_bgr`` zeros and
+    ``pad_bgr`` its mean.
     """
     resized, boxes = [], []
     for image in images:
@@ -123,8 +126,10 @@ def preprocess(
         input_hw = policy.size
     else:  # images of a batch share the largest size; a single image is not padded at all
         input_hw = (max(im.shape[0] for im in resized), max(im.shape[1] for im in resized))
-    batch = np.zeros((len(resized), input_hw[0], input_hw[1], 3), np.float32)
     mean = np.asarray(mean_bgr, np.float32)
+    pad = np.asarray(mean_bgr if pad_bgr is None else pad_bgr, np.float32) - mean
+    batch = np.empty((len(resized), input_hw[0], input_hw[1], 3), np.float32)
+    batch[...] = pad
     for slot, image in zip(batch, resized):
         np.subtract(image, mean, out=slot[: image.shape[0], : image.shape[1]], dtype=np.float32)
     if layout == "NCHW":

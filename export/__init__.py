@@ -21,6 +21,8 @@ PRECISIONS = {
     "coreml": ("fp16", "fp32", "int8"),
     "tensorrt": ("fp16", "fp32", "int8"),
 }
+# Targets whose INT8 is calibrated on images (Core ML INT8 quantises weights only).
+CALIBRATED_INT8 = ("onnx", "tflite", "tensorrt")
 # Board / platform names a user thinks in -> the target that serves it.
 ALIASES = {"jetson": "tensorrt", "android": "tflite", "rpi": "tflite", "ios": "coreml", "x86": "onnx"}
 
@@ -59,4 +61,4 @@ def get_converter(target: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
-__all__ = ["ALIASES", "PRECISIONS", "get_converter", "list_targets", "resolve_precision", "resolve_target"]
+__all__ = ["ALIASES", "CALIBRATED_INT8", "PRECISIONS", "get_converter", "list_targets", "resolve_precision", "resolve_target"]

@@ -24,6 +24,7 @@ class ExportRequest:
     calibration: tuple[np.ndarray, ...] = ()
     calibration_source: str = ""
     options: dict[str, Any] = field(default_factory=dict)  # target-specific switches (e.g. int8_io)
+    verify: bool = True  # False (--no-verify): converters skip their own numerical checks too
 
 
 @dataclass

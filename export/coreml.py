@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ INT8_WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller tensors (depthwise
 EXPORT_TOLERANCE = 1e-4  # ExportedProgram vs eager PyTorch (same ops: differences are export errors)
 REFERENCE_IMAGES = 8  # real images for the check of the interpreted MIL program (as many as the pipeline's parity)
 COMPUTE_PRECISION = {"fp16": "fp16", "fp32": "fp32", "int8": "fp16"}
+WEIGHTS = {"fp16": "fp16", "fp32": "fp32",
+           "int8": f"int8 per-channel (tensors > {INT8_WEIGHT_THRESHOLD} elements, not the heads), fp16 others"}
 
 
 def _coremltools():
@@ -104,11 +107,13 @@ def export_program(model: torch.nn.Module, sizes: list[tuple[int, int]]):
             if len(set(values)) > 1:
                 dims[axis] = 32 * torch.export.Dim(f"{name}_32", min=min(values) // 32, max=max(values) // 32)
         dynamic = {"images": dims} if dims else None
-    try:
-        exported = torch.export.export(model, (torch.zeros(1, 3, h, w),), dynamic_shapes=dynamic, strict=False)
-        exported = exported.run_decompositions({})
-    except Exception as exc:  # torch.export raises many types; the user needs the cause
-        raise EdgefaceError(f"torch.export could not export {type(model).__name__} ({exc})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
+        try:
+            exported = torch.export.export(model, (torch.zeros(1, 3, h, w),), dynamic_shapes=dynamic, strict=False)
+            exported = exported.run_decompositions({})
+        except Exception as exc:  # torch.export raises many types; the user needs the cause
+            raise EdgefaceError(f"torch.export could not export {type(model).__name__} ({exc})") from None
     graph = exported.graph_module.graph
     removed = 0
     for node in list(graph.nodes):
@@ -278,13 +283,14 @@ def check_package(path: Path, *, kind: str, sizes: list[tuple[int, int]], precis
     counts = collections.Counter(op.op_type for op in operations)
     compute = collections.Counter(_mil_dtype(op.outputs[0]) for op in operations if op.op_type == "conv")
     quantized = [op for op in operations if op.op_type.startswith("constexpr_")]
-    conv_weights = [op.inputs["weight"] for op in operations if op.op_type == "conv"]
-    weight_kinds = collections.Counter(
-        "int8" if w.op is not None and w.op.op_type.startswith("constexpr_") else _mil_dtype(w) for w in conv_weights)
-    elements = collections.Counter()
-    for w in conv_weights:
-        kind_ = "int8" if w.op is not None and w.op.op_type.startswith("constexpr_") else _mil_dtype(w)
-        elements[kind_] += int(np.prod(w.shape))
+    weight_kinds, elements = collections.Counter(), collections.Counter()
+    for op in operations:
+        if op.op_type == "conv":
+            weight = op.inputs["weight"]
+            compressed = weight.op is not None and weight.op.op_type.startswith("constexpr_")
+            stored = "int8" if compressed else _mil_dtype(weight)
+            weight_kinds[stored] += 1
+            elements[stored] += int(np.prod(weight.shape))
     quantized_dtypes = sorted({_mil_dtype(v) for op in quantized for k, v in op.inputs.items()
                                if k in ("quantized_data", "data")})
     checks["mil"] = {"opset": spec.mlProgram.functions["main"].opset, "ops": dict(sorted(counts.items())),
@@ -300,9 +306,9 @@ def check_package(path: Path, *, kind: str, sizes: list[tuple[int, int]], precis
     elif quantized:
         problems.append(f"{len(quantized)} compressed weights in a {precision} model")
     if kind == "image":
-        first = function.inputs[INPUT_NAME].child_ops
-        bias = [op for op in first if op.op_type == "add"]
-        values = np.asarray(bias[0].inputs["y"].val).reshape(-1).tolist() if bias and bias[0].inputs["y"].val is not None else None
+        adds = [op for op in function.inputs[INPUT_NAME].child_ops if op.op_type == "add"]
+        y = adds[0].inputs["y"].val if adds else None
+        values = None if y is None else np.asarray(y).reshape(-1).tolist()
         checks["input"]["bias_in_program"] = values
         if values is None or not np.allclose(values, [-float(m) for m in mean_bgr]):
             problems.append(f"image bias in the program is {values}, expected {[-float(m) for m in mean_bgr]}")
@@ -345,7 +351,9 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
                                   input_hw=input_hw, mean_in_graph=kind == "image")
     manifest.target_info = {"input_type": kind}
     try:
-        runtime = MILProgramRuntime(manifest, path)
+        # Padding as target_info tells apps to pad (the mean colour, zero after the in-graph bias): this checks the
+        # conversion, not the shared pre-processing's black padding (see the runtime's pad_with_mean).
+        runtime = MILProgramRuntime(manifest, path, pad_with_mean=True)
     except UnsupportedOp as exc:
         return {"status": "skipped", "reason": str(exc)}
     candidate = Detector(runtime=runtime)
@@ -355,13 +363,14 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
         "status": "passed" if report.passed else "failed",
         "what": "the package's MIL program interpreted op by op with NumPy/PyTorch (FP16 tensors rounded to FP16 "
                 "between ops), compared with FP32 PyTorch; not the Core ML runtime",
+        "padding": "mean colour" if kind == "image" else "zeros after mean subtraction",
         "mil_ops": runtime.interpreter.op_types, **report.to_dict()}
     shapes, diffs = {}, {}
     rng = np.random.default_rng(1)
     mean = np.asarray(model.config.mean_bgr, np.float32).reshape(1, 3, 1, 1)
     for h, w in sizes:  # every size the model takes: output shapes and raw differences on random pixels
         pixels = rng.integers(0, 256, (1, 3, h, w)).astype(np.float32)
-        got = runtime.infer(pixels if kind == "image" else pixels - mean)
+        got = runtime.infer(pixels - mean)  # pad_with_mean: image models take mean-subtracted input too
         with torch.no_grad(), single_thread():
             want = dict(zip(OUTPUTS, (t.numpy() for t in model(torch.from_numpy(pixels - mean)))))
         priors = model.config.anchors.num_priors((h, w))
@@ -370,12 +379,14 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
         wrong = {name: list(got[name].shape) for name, k in OUTPUT_WIDTH.items()
                  if list(got[name].shape) != [1, priors, k]}
         if wrong:
-            raise EdgefaceError(f"the Core ML program gives output shapes {wrong} at {h}x{w}; expected (1, {priors}, k)")
+            raise EdgefaceError(f"the Core ML program gives output shapes {wrong} at {h}x{w}; "
+                                f"expected (1, {priors}, k)")
     result["output_shapes"] = shapes
     result["max_abs_diff_random_pixels"] = diffs
     if not report.passed:
         raise EdgefaceError(f"the converted Core ML program (interpreted) does not reproduce PyTorch within the "
-                            f"{precision} tolerance ({report.summary()}; tolerance {report.tolerance})")
+                            f"{precision} tolerance ({report.summary()}; tolerance {report.tolerance}); nothing was "
+                            "written. The option coreml_program_check=False skips this check")
     return result
 
 
@@ -384,17 +395,18 @@ def prediction_unavailable(path: Path, kind: str, input_hw: tuple[int, int]) -> 
     if sys.platform == "darwin":
         return None
     ct = _coremltools()
-    message = "Core ML.framework is not available"
-    try:
-        model = ct.models.MLModel(str(path))
-        h, w = input_hw
-        if kind == "image":
+    message = "CoreML.framework is not available"
+    h, w = input_hw
+    feed: dict[str, Any] = {INPUT_NAME: np.zeros((1, 3, h, w), np.float32)}
+    if kind == "image":
+        try:
             from PIL import Image
-
-            feed = Image.fromarray(np.zeros((h, w, 3), np.uint8), mode="RGB")
+        except ImportError:  # coremltools refuses prediction before it looks at the inputs
+            feed = {}
         else:
-            feed = np.zeros((1, 3, h, w), np.float32)
-        model.predict({INPUT_NAME: feed})
+            feed = {INPUT_NAME: Image.fromarray(np.zeros((h, w, 3), np.uint8))}
+    try:
+        ct.models.MLModel(str(path)).predict(feed)
     except Exception as exc:  # coremltools raises a plain Exception
         message = str(exc)
     else:  # pragma: no cover - a non-macOS platform where Core ML predicts
@@ -431,6 +443,25 @@ def describe_input(kind: str, sizes: list[tuple[int, int]], mean_bgr) -> dict[st
     return info
 
 
+def _describe_model(mlmodel, model, precision: str, kind: str, sizes: list[tuple[int, int]]) -> None:
+    """What Xcode shows for the model: summary, input and output meanings, edgeface metadata."""
+    from edgeface.bundle import OUTPUT_MEANINGS
+
+    h, w = sizes[0]
+    mlmodel.short_description = f"RetinaFace {model.config.name} face detector ({precision}), exported by edgeface"
+    mlmodel.input_description[INPUT_NAME] = (
+        f"{w}x{h} BGR image, 0-255; the model subtracts the mean {list(model.config.mean_bgr)} itself"
+        if kind == "image" else f"float32 [1, 3, {h}, {w}]: BGR pixels minus the mean {list(model.config.mean_bgr)}")
+    for name in OUTPUTS:
+        mlmodel.output_description[name] = OUTPUT_MEANINGS[name]
+    mlmodel.user_defined_metadata.update({"edgeface.model": model.config.name, "edgeface.precision": precision,
+                                          "edgeface.input_type": kind})
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+
+
 def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Conversion:
     ct = _coremltools()
     kind = _input_kind(request)
@@ -442,23 +473,26 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
     mean_bgr = model.config.mean_bgr
 
     exported, export_check = export_program(model, sizes)
-    try:
-        mlmodel = ct.convert(
-            exported,
-            inputs=[_input_type(ct, kind, sizes, mean_bgr)],
-            outputs=[ct.TensorType(name=name, dtype=np.float32) for name in OUTPUTS],
-            convert_to="mlprogram",
-            minimum_deployment_target=target,
-            compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
-            skip_model_load=True,  # loading compiles the model (macOS only); the runtime does that when used
-        )
-    except Exception as exc:  # coremltools raises many types (NotImplementedError, ValueError, RuntimeError)
-        raise EdgefaceError(f"coremltools could not convert the model ({type(exc).__name__}: {exc})") from None
+    with warnings.catch_warnings():
+        # coremltools' internals warn (deprecated registry access) hundreds of times per conversion
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            mlmodel = ct.convert(
+                exported,
+                inputs=[_input_type(ct, kind, sizes, mean_bgr)],
+                outputs=[ct.TensorType(name=name, dtype=np.float32) for name in OUTPUTS],
+                convert_to="mlprogram",
+                minimum_deployment_target=target,
+                compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
+                skip_model_load=True,  # loading compiles the model (macOS only); the runtime does that when used
+            )
+        except Exception as exc:  # coremltools raises many types (NotImplementedError, ValueError, RuntimeError)
+            raise EdgefaceError(f"coremltools could not convert the model ({type(exc).__name__}: {exc})") from None
     mlmodel, renamed = _rename_outputs(ct, mlmodel)
     calibration = None
     if precision == "int8":
         mlmodel, calibration = quantize_weights(ct, mlmodel)
-    mlmodel.short_description = f"RetinaFace {model.config.name} face detector ({precision}), edgeface"
+    _describe_model(mlmodel, model, precision, kind, sizes)
     path = out_dir / MODEL_FILE
     mlmodel.save(str(path))
     # coremltools writes an ExecuTorch debug-handle map beside the model for torch.export sources; the package's
@@ -484,7 +518,7 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
         "model_type": "mlprogram",
         "minimum_deployment_target": target.name,
         "compute_precision": COMPUTE_PRECISION[precision],
-        "weights": {"fp16": "fp16", "fp32": "fp32", "int8": "int8 per-channel (larger tensors), fp16 others"}[precision],
+        "weights": WEIGHTS[precision],
         "spec_checks": spec_checks,
         "program_check": program_check,
         "prediction_here": "not available (macOS only)" if not_runnable else "Core ML (parity below)",
@@ -498,9 +532,10 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
                      "itself was not run")
     if calibration and request.calibration:
         notes.append(f"{len(request.calibration)} calibration images were offered and not needed (weights-only)")
-    tested = library_versions("torch").get("torch", "")
-    if tested and not tested.startswith(("2.4", "2.5", "2.6", "2.7")):
-        notes.append(f"coremltools {ct.__version__} is tested with torch up to 2.7; converted with torch {tested}")
+    newest = getattr(getattr(ct, "_deps", None), "_TORCH_MAX_VERSION", None)
+    if newest and _version_tuple(torch.__version__) > _version_tuple(newest):
+        notes.append(f"coremltools {ct.__version__} is tested with torch up to {newest}; converted with torch "
+                     f"{torch.__version__} (the checks above passed)")
     if renamed:
         notes.append(f"outputs renamed in the spec: {renamed}")
     return Conversion(

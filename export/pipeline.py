@@ -16,7 +16,7 @@ import numpy as np
 
 from edgeface.bundle import Bundle, load_bundle, manifest_for_model, staging_dir, write_manifest
 from edgeface.errors import EdgefaceError
-from edgeface.export import get_converter, resolve_precision, resolve_target
+from edgeface.export import CALIBRATED_INT8, get_converter, resolve_precision, resolve_target
 from edgeface.export.base import ExportRequest
 from edgeface.images import list_images, load_image
 from edgeface.models import get_model
@@ -89,7 +89,7 @@ def export_bundle(
     if calib and not sample_paths:
         raise EdgefaceError(f"no images found under --calib {calib}")
     calibration: tuple[np.ndarray, ...] = ()
-    if precision == "int8":
+    if precision == "int8" and target in CALIBRATED_INT8:
         if not sample_paths:
             raise EdgefaceError("INT8 needs calibration images: pass --calib DIR (real photographs with faces; "
                                 "the shared WIDER FACE images are used when ../shared is present)")
@@ -98,7 +98,8 @@ def export_bundle(
         calibration = tuple(_calibration_input(p, calibration_policy, model.config.mean_bgr) for p in chosen)
     request = ExportRequest(target=target, precision=precision, input_hw=input_hw, dynamic_batch=dynamic,
                             opset=opset, calibration=calibration,
-                            calibration_source=str(image_dir) if calibration else "", options=dict(options or {}))
+                            calibration_source=str(image_dir) if calibration else "", options=dict(options or {}),
+                            verify=verify)
     out = Path(out) if out else default_out(model.config.name, target, precision, input_hw)
 
     with staging_dir(out) as tmp:
@@ -126,9 +127,9 @@ def export_bundle(
             manifest.parity = _parity(tmp, model, precision, conversion.not_runnable_here, log)
         else:
             manifest.parity = {"status": "skipped", "reason": "--no-verify"}
+        manifest.export_seconds = round(time.perf_counter() - started, 1)  # conversion + parity, not --eval
         if evaluate:
             manifest.accuracy = _evaluate(tmp, model, conversion.not_runnable_here, evaluate, progress, log)
-        manifest.export_seconds = round(time.perf_counter() - started, 1)
         write_manifest(tmp, manifest)
     log(f"wrote {out} in {manifest.export_seconds} s")
     return load_bundle(out)

@@ -44,6 +44,11 @@ class Runtime(ABC):
         return self.manifest.mean_bgr
 
     @property
+    def pad_bgr(self) -> tuple[float, float, float]:
+        """The colour padding must have before any mean subtraction: the model's mean (zero after it)."""
+        return tuple(self.manifest.preprocessing["mean_bgr"])
+
+    @property
     def resize(self) -> ResizePolicy:
         return ResizePolicy.parse(self.manifest.preprocessing["resize"])
 

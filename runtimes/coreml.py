@@ -57,37 +57,63 @@ def _image_input(manifest: Manifest) -> bool:
     return manifest.target_info.get("input_type", "tensor") == "image"
 
 
-class CoreMLRuntime(Runtime):
+class _PaddingChoice:
+    """``pad_with_mean`` (image inputs): the runtime asks the shared pre-processing for mean-subtracted input
+    (``mean_bgr`` = the model's mean) and adds the mean back before the model, so that letterbox padding reaches
+    the model as the mean colour, i.e. as zeros after its in-graph bias, as in PyTorch and as the manifest tells
+    apps to pad. Without it (the default) ``infer`` takes 0-255 pixels and the shared pre-processing pads with
+    black, which the model sees as -mean."""
+
+    manifest: Manifest
+    image_input: bool
+    pad_with_mean: bool = False
+
+    @property
+    def mean_bgr(self) -> tuple[float, float, float]:
+        if self.pad_with_mean:
+            return tuple(float(m) for m in self.manifest.preprocessing["mean_bgr"])
+        return self.manifest.mean_bgr
+
+    def _pixels(self, batch: np.ndarray) -> np.ndarray:
+        """The 0-255 BGR pixels of a batch produced for :attr:`mean_bgr`."""
+        if self.pad_with_mean:
+            return batch + np.asarray(self.mean_bgr, np.float32).reshape(1, 3, 1, 1)
+        return batch
+
+
+class CoreMLRuntime(_PaddingChoice, Runtime):
     """``infer`` takes what the shared pre-processing makes for this manifest: NCHW float32, BGR; for an image
     input (``mean_in_graph``) the mean is not subtracted, so values are the 0-255 pixels. Each batch item is one
     prediction (Core ML bundles have batch 1)."""
 
     name = "coreml"
 
-    def __init__(self, bundle: Bundle, *, compute_units: Any = None, device: str | None = None) -> None:
+    def __init__(self, bundle: Bundle, *, compute_units: Any = None, device: str | None = None,
+                 pad_with_mean: bool = False) -> None:
         ct = require("coremltools", "coreml", "Running Core ML bundles")
         super().__init__(bundle.manifest, source=str(bundle.path))
         self._ct = ct
         self.compute_units = _compute_units(ct, compute_units, device)
         self.image_input = _image_input(self.manifest)
+        self.pad_with_mean = pad_with_mean and self.image_input
         self.input_name = self.manifest.input.name
+        if self.image_input:
+            require("PIL.Image", "coreml", "Feeding images to a Core ML model")
         try:
             self.model = ct.models.MLModel(str(bundle.file()), compute_units=self.compute_units)
         except Exception as exc:  # coremltools raises plain Exceptions (compile / load failures)
             raise EdgefaceError(f"Core ML could not load {bundle.file()} ({exc})") from None
-        if self.image_input:
-            require("PIL.Image", "coreml", "Feeding images to a Core ML model")
 
     @classmethod
     def open(cls, bundle: Bundle | None, *, compute_units: Any = None, device: str | None = None,
-             threads: int | None = None, **_: Any) -> "CoreMLRuntime":
+             threads: int | None = None, pad_with_mean: bool = False, **_: Any) -> "CoreMLRuntime":
         """``compute_units``: all (default) | cpu_only | cpu_and_gpu | cpu_and_ne. ``threads`` has no Core ML
-        counterpart and is ignored."""
+        counterpart and is ignored. ``pad_with_mean``: see :class:`_PaddingChoice`."""
         if not is_apple():
             raise EdgefaceError(NOT_APPLE.format(platform=sys.platform))
         if bundle is None:
             raise EdgefaceError("the coreml runtime needs a bundle (--model DIR made by `edgeface export coreml`)")
-        return cls(bundle, compute_units=compute_units, device=device)
+        return cls(bundle, compute_units=compute_units, device=device, pad_with_mean=pad_with_mean)
 
     def _feed(self, item: np.ndarray) -> dict[str, Any]:
         """One (3, H, W) BGR float item -> the model's input."""
@@ -97,14 +123,14 @@ class CoreMLRuntime(Runtime):
             # Core ML takes RGB PIL images for RGB *and* BGR image inputs (coremltools checks mode == "RGB") and
             # reorders the channels itself to the model's BGR colour layout: hand it RGB pixels.
             pixels = np.clip(np.rint(item), 0, 255).astype(np.uint8).transpose(1, 2, 0)[:, :, ::-1]
-            return {self.input_name: Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")}
+            return {self.input_name: Image.fromarray(np.ascontiguousarray(pixels))}  # uint8 HxWx3: mode RGB
         return {self.input_name: np.ascontiguousarray(item[None], dtype=np.float32)}
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise EdgefaceError(f"the coreml runtime takes an NCHW batch with 3 channels, got shape {batch.shape}")
         results: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUTS}
-        for item in batch:
+        for item in self._pixels(batch):
             out = self.model.predict(self._feed(item))
             missing = [name for name in OUTPUTS if name not in out]
             if missing:
@@ -115,7 +141,7 @@ class CoreMLRuntime(Runtime):
         return {name: np.concatenate(parts) for name, parts in results.items()}
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "compute_units": self.compute_units.name,
+        return {**super().describe(), "compute_units": self.compute_units.name, "pad_with_mean": self.pad_with_mean,
                 "coremltools": self._ct.__version__}
 
     def close(self) -> None:
@@ -394,26 +420,29 @@ _OPS = {
 }
 
 
-class MILProgramRuntime(Runtime):
+class MILProgramRuntime(_PaddingChoice, Runtime):
     """A Core ML bundle's MIL program, interpreted (see :class:`MILInterpreter`): the converter's output checked
-    on any platform. Not registered as a user-facing runtime: it is not Core ML."""
+    on any platform. Not registered as a user-facing runtime: it is not Core ML. Takes what
+    :class:`CoreMLRuntime` takes (``pad_with_mean`` likewise)."""
 
     name = "coreml-mil"
 
-    def __init__(self, manifest: Manifest, package: str | Path) -> None:
+    def __init__(self, manifest: Manifest, package: str | Path, *, pad_with_mean: bool = False) -> None:
         super().__init__(manifest, source=str(package))
         self.interpreter = MILInterpreter(load_program(package))
         self.input_name = self.interpreter.input_names[0]
+        self.image_input = _image_input(manifest)
+        self.pad_with_mean = pad_with_mean and self.image_input
 
     @classmethod
-    def open(cls, bundle: Bundle | None, **_: Any) -> "MILProgramRuntime":
+    def open(cls, bundle: Bundle | None, *, pad_with_mean: bool = False, **_: Any) -> "MILProgramRuntime":
         if bundle is None:
             raise EdgefaceError("the coreml-mil runtime needs a Core ML bundle")
-        return cls(bundle.manifest, bundle.file())
+        return cls(bundle.manifest, bundle.file(), pad_with_mean=pad_with_mean)
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         outs: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUTS}
-        for item in batch:  # batch 1 programs
+        for item in self._pixels(batch):  # batch 1 programs
             # An image input reaches the program as float (1, 3, H, W) in its colour layout (BGR), 0-255.
             result = self.interpreter.run({self.input_name: np.asarray(item[None], np.float32)})
             for name in OUTPUTS:

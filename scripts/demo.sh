@@ -3,7 +3,7 @@
 # annotated image and JSON, and evaluate WIDER FACE when the shared data is beside the checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup-venv.sh
+scripts/setup-venv.sh all
 out="${EDGEFACE_OUT:-runs/demo}"
 shared="${EDGEFACE_SHARED:-../shared}"
 sample="$(.venv/bin/python -I -c 'from importlib.resources import files; print(files("edgeface") / "assets" / "astronaut.jpg")')"

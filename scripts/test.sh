@@ -2,5 +2,5 @@
 # Sets up a fresh machine (venv + pinned dependencies) and runs the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup-venv.sh test
+scripts/setup-venv.sh all,test
 exec .venv/bin/pytest "$@"
