@@ -10,7 +10,7 @@ ExportedProgram (coremltools' TorchScript route fails with numpy >= 2.4; this on
 
 Core ML predicts on Apple platforms only. Elsewhere the export checks what it can: the ExportedProgram against
 PyTorch, the saved package's spec (type, input, outputs, precision) and the package's MIL program interpreted
-op by op (:class:`edgeface.runtimes.coreml.MILProgramRuntime`) against PyTorch on real images.
+op by op (:mod:`edgeface.export.coreml_mil`) against PyTorch on real images (not with --no-verify).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 
 from edgeface.errors import EdgefaceError
 from edgeface.export.base import Conversion, ExportRequest, library_versions
-from edgeface.processing import ResizePolicy
+from edgeface.export.coreml_mil import MILProgramRuntime, UnsupportedOp, load_program, single_thread
+from edgeface.processing import ResizePolicy, preprocess
 from edgeface.runtimes.base import OUTPUTS, require
 
 MODEL_FILE = "model.mlpackage"
@@ -172,8 +173,6 @@ def _rename_outputs(ct, mlmodel):
 def head_weight_ops(mlmodel) -> list[str]:
     """Names of the convolutions that produce the outputs (the 1x1 heads): their outputs are decoded (exp of box
     sizes, landmark offsets), so their weights stay FP16 in int8 bundles."""
-    from edgeface.runtimes.coreml import load_program
-
     function = load_program(mlmodel).functions["main"]
     heads, stack, seen = set(), list(function.outputs), set()
     while stack:
@@ -222,8 +221,6 @@ def check_package(path: Path, *, kind: str, sizes: list[tuple[int, int]], precis
     """Everything the saved package's spec and MIL program say, checked against the request; EdgefaceError on any
     mismatch."""
     ct = _coremltools()
-    from edgeface.runtimes.coreml import load_program
-
     model = ct.models.MLModel(str(path), skip_model_load=True)
     spec = model.get_spec()
     problems: list[str] = []
@@ -337,23 +334,19 @@ def _reference_images() -> list[np.ndarray]:
     return [load_image(p) for p in paths]
 
 
-def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[tuple[int, int]],
-                  input_hw: tuple[int, int]) -> dict[str, Any]:
-    """The package's MIL program, interpreted, against PyTorch: detection parity on real images at the default
-    size (the project's tolerances for ``precision``), raw outputs and shapes at every size."""
+def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[tuple[int, int]]) -> dict[str, Any]:
+    """The package's MIL program, interpreted, fed what the shared pre-processing makes for the bundle's manifest,
+    against PyTorch fed the standard (mean-subtracted) input: detection parity on real images at the default size
+    (the project's tolerances for ``precision``), raw outputs and shapes at every size."""
     from edgeface.benchmarks.parity import compare
     from edgeface.bundle import manifest_for_model
     from edgeface.detector import Detector
     from edgeface.export.pipeline import _torch_detector
-    from edgeface.runtimes.coreml import MILProgramRuntime, UnsupportedOp, single_thread
 
     manifest = manifest_for_model(model, target="coreml", precision=precision, files={"model": MODEL_FILE},
-                                  input_hw=input_hw, mean_in_graph=kind == "image")
-    manifest.target_info = {"input_type": kind}
+                                  input_hw=sizes[0], mean_in_graph=kind == "image")
     try:
-        # Padding as target_info tells apps to pad (the mean colour, zero after the in-graph bias): this checks the
-        # conversion, not the shared pre-processing's black padding (see the runtime's pad_with_mean).
-        runtime = MILProgramRuntime(manifest, path, pad_with_mean=True)
+        runtime = MILProgramRuntime(manifest, path)
     except UnsupportedOp as exc:
         return {"status": "skipped", "reason": str(exc)}
     candidate = Detector(runtime=runtime)
@@ -362,17 +355,19 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
     result: dict[str, Any] = {
         "status": "passed" if report.passed else "failed",
         "what": "the package's MIL program interpreted op by op with NumPy/PyTorch (FP16 tensors rounded to FP16 "
-                "between ops), compared with FP32 PyTorch; not the Core ML runtime",
-        "padding": "mean colour" if kind == "image" else "zeros after mean subtraction",
+                "between ops), fed the shared pre-processing's output for the bundle (letterbox padding in the "
+                "mean colour), compared with FP32 PyTorch; not the Core ML runtime",
         "mil_ops": runtime.interpreter.op_types, **report.to_dict()}
     shapes, diffs = {}, {}
     rng = np.random.default_rng(1)
-    mean = np.asarray(model.config.mean_bgr, np.float32).reshape(1, 3, 1, 1)
     for h, w in sizes:  # every size the model takes: output shapes and raw differences on random pixels
-        pixels = rng.integers(0, 256, (1, 3, h, w)).astype(np.float32)
-        got = runtime.infer(pixels - mean)  # pad_with_mean: image models take mean-subtracted input too
+        pixels, policy = rng.integers(0, 256, (h, w, 3), dtype=np.uint8), ResizePolicy("fixed", (h, w))
+        batch, _ = preprocess([pixels], policy=policy, mean_bgr=runtime.mean_bgr, pad_bgr=runtime.pad_bgr,
+                              layout="NCHW")
+        standard, _ = preprocess([pixels], policy=policy, mean_bgr=model.config.mean_bgr)
+        got = runtime.infer(batch)
         with torch.no_grad(), single_thread():
-            want = dict(zip(OUTPUTS, (t.numpy() for t in model(torch.from_numpy(pixels - mean)))))
+            want = dict(zip(OUTPUTS, (t.numpy() for t in model(torch.from_numpy(standard)))))
         priors = model.config.anchors.num_priors((h, w))
         shapes[f"{h}x{w}"] = {name: list(got[name].shape) for name in OUTPUTS}
         diffs[f"{h}x{w}"] = {name: float(np.abs(got[name] - want[name]).max()) for name in OUTPUTS}
@@ -386,7 +381,7 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
     if not report.passed:
         raise EdgefaceError(f"the converted Core ML program (interpreted) does not reproduce PyTorch within the "
                             f"{precision} tolerance ({report.summary()}; tolerance {report.tolerance}); nothing was "
-                            "written. The option coreml_program_check=False skips this check")
+                            "written. Use --no-verify to keep it anyway")
     return result
 
 
@@ -503,11 +498,10 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
 
     spec_checks = check_package(path, kind=kind, sizes=sizes, precision=precision, anchors=model.config.anchors,
                                 mean_bgr=mean_bgr, deployment_target=target.name)
-    if request.options.get("coreml_program_check", True):
-        program_check = check_program(model, path, precision=precision, kind=kind, sizes=sizes,
-                                      input_hw=sizes[0])
+    if request.verify:
+        program_check = check_program(model, path, precision=precision, kind=kind, sizes=sizes)
     else:
-        program_check = {"status": "skipped", "reason": "coreml_program_check=False"}
+        program_check = {"status": "skipped", "reason": "--no-verify"}
     not_runnable = prediction_unavailable(path, kind, sizes[0])
 
     priors = model.config.anchors.num_priors(sizes[0])
@@ -530,8 +524,6 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
         notes.append("checked on this machine: ExportedProgram vs PyTorch, the package's spec and precision, and "
                      "its MIL program interpreted op by op against PyTorch (target_info.program_check); Core ML "
                      "itself was not run")
-    if calibration and request.calibration:
-        notes.append(f"{len(request.calibration)} calibration images were offered and not needed (weights-only)")
     newest = getattr(getattr(ct, "_deps", None), "_TORCH_MAX_VERSION", None)
     if newest and _version_tuple(torch.__version__) > _version_tuple(newest):
         notes.append(f"coremltools {ct.__version__} is tested with torch up to {newest}; converted with torch "

@@ -208,10 +208,36 @@ def _evaluate(bundle_dir: Path, model, not_runnable: str | None, spec: dict[str,
     log(f"WIDER FACE evaluation of the artifact ({candidate.resize})")
     ours = evaluate_detector(candidate.detect_arrays, spec["images"], gt, limit=spec.get("limit"), progress=progress)
     candidate.close()
-    log("WIDER FACE evaluation of FP32 PyTorch, same input policy")
-    reference = _torch_detector(model, candidate.resize, **WIDER_SETTINGS)
-    base = evaluate_detector(reference.detect_arrays, spec["images"], gt, limit=spec.get("limit"), progress=progress)
-    delta = {k: round(ours.ap[k] - base.ap[k], 5) for k in ours.ap}
+    base_ap = _fp32_baseline(model, candidate.resize, spec, gt, progress, log)
+    delta = {k: round(ours.ap[k] - base_ap[k], 5) for k in ours.ap}
     log("AP " + ", ".join(f"{k} {ours.ap[k]:.4f} ({delta[k]:+.4f} vs fp32)" for k in ours.ap))
-    return {"widerface": {**ours.to_dict(), "resize": str(candidate.resize), "fp32_torch_ap": base.ap,
+    return {"widerface": {**ours.to_dict(), "resize": str(candidate.resize), "fp32_torch_ap": base_ap,
                           "delta_ap": delta, "images_dir": str(spec["images"])}}
+
+
+def _fp32_baseline(model, policy: ResizePolicy, spec: dict[str, Any], gt, progress: bool, log) -> dict[str, float]:
+    """AP of FP32 PyTorch on the same images and input policy: computed once per weights / policy / image set and
+    kept in the cache directory (PyTorch FP32 is deterministic on a given machine), since every export of a model
+    compares against the same figure."""
+    import hashlib
+
+    from edgeface.benchmarks.accuracy import WIDER_SETTINGS, evaluate_detector, select_images
+    from edgeface.weights import cache_dir
+
+    paths = select_images(spec["images"], gt, spec.get("limit"))
+    key = hashlib.sha256(json.dumps({
+        "config": model.config.to_dict(), "weights": model.weights_info, "policy": str(policy),
+        "gt": str(spec["gt"]), "images": [str(p.relative_to(spec["images"])) for p in paths],
+        "settings": WIDER_SETTINGS,
+    }, sort_keys=True).encode()).hexdigest()[:24]
+    cached = cache_dir() / "fp32-widerface" / f"{key}.json"
+    if cached.is_file():
+        log(f"FP32 PyTorch AP on these images from the cache ({cached})")
+        return json.loads(cached.read_text())
+    log("WIDER FACE evaluation of FP32 PyTorch, same input policy")
+    reference = _torch_detector(model, policy, **WIDER_SETTINGS)
+    ap = evaluate_detector(reference.detect_arrays, spec["images"], gt, limit=spec.get("limit"),
+                           progress=progress).ap
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(ap))
+    return ap

@@ -1,4 +1,5 @@
-"""Core ML (iOS) bundles: fp16 with an image input, fp32 with a tensor input, int8 weights with enumerated sizes.
+"""Core ML (iOS) bundles: fp16 with an image input, fp32 with a tensor input, fp32 with an image input (exported with
+--no-verify), int8 weights with enumerated sizes.
 
 Core ML predicts on macOS only: elsewhere these tests check the bundle, the package's spec and precision, the
 package's MIL program interpreted against PyTorch, and that the coreml runtime refuses with a clear message; on
@@ -45,12 +46,23 @@ def fp32_tensor(out_root):
                          options={"coreml_input": "tensor"}, progress=False)
 
 
+def _export_without_shared_data(out, **kwargs):
+    """As on a machine without the shared WIDER FACE images (EDGEFACE_SHARED names no folder)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEFACE_SHARED", str(out.parent / "no-shared-data"))
+        return export_bundle("coreml", out=out, imgsz=SIZE, progress=False, **kwargs)
+
+
 @pytest.fixture(scope="module")
-def int8(out_root, astronaut_path):
-    # Weights-only INT8 needs no calibration images, but the shared pipeline insists on a folder for any int8:
-    # give it the bundled photo (one image) rather than letting it pre-process 100 WIDER images.
-    return export_bundle("coreml", precision="int8", out=out_root / "int8", imgsz=SIZE, calib=astronaut_path.parent,
-                         calib_n=1, options={"enumerated_sizes": [(256, 320), (384, 320)]}, progress=False)
+def fp32_image(out_root):
+    return _export_without_shared_data(out_root / "fp32-image", precision="fp32", verify=False)
+
+
+@pytest.fixture(scope="module")
+def int8(out_root):
+    # Weights-only INT8: no calibration images, so no calib argument and no shared data needed.
+    return _export_without_shared_data(out_root / "int8", precision="int8",
+                                       options={"enumerated_sizes": [(256, 320), (384, 320)]})
 
 
 def _package_bytes(bundle) -> int:
@@ -96,36 +108,10 @@ def fp16_mean_zero(bundle) -> bool:
 def test_fp16_program_reproduces_pytorch(fp16):
     check = fp16.manifest.target_info["program_check"]
     assert check["status"] == "passed" and check["detection_agreement"] >= 0.97 and check["reference_faces"] >= 1
-    assert check["padding"] == "mean colour"
     assert check["landmark_error"] <= 0.01
     assert check["output_shapes"]["320x320"] == {"loc": [1, PRIORS, 4], "conf": [1, PRIORS, 2],
                                                   "landmarks": [1, PRIORS, 10]}
     assert check["max_abs_diff_random_pixels"]["320x320"]["conf"] < 5e-3  # FP16 rounding, nothing worse
-
-
-def test_image_padding_reaches_the_model_as_the_mean(fp16, astronaut_path):
-    """Letterbox padding: PyTorch sees zeros after the mean, so an image model must get the mean colour there.
-    ``pad_with_mean`` does that (and the program check uses it); the default takes the shared pre-processing's
-    0-255 pixels with black padding, which the model sees as -mean."""
-    import torch
-
-    from edgeface.images import load_image
-    from edgeface.models import get_model
-    from edgeface.processing import ResizePolicy, preprocess
-    from edgeface.runtimes.coreml import MILProgramRuntime
-
-    image = load_image(astronaut_path)[:300]  # wide: padded at the bottom
-    policy = ResizePolicy.parse("320x320")
-    reference, _ = preprocess([image], policy=policy, mean_bgr=(104.0, 117.0, 123.0))
-    with torch.no_grad():
-        want = get_model("retinaface_mnet025", weights="default")(torch.from_numpy(reference))[0].numpy()
-    error = {}
-    for pad_with_mean in (True, False):
-        runtime = MILProgramRuntime(fp16.manifest, fp16.file(), pad_with_mean=pad_with_mean)
-        assert runtime.mean_bgr == ((104.0, 117.0, 123.0) if pad_with_mean else (0.0, 0.0, 0.0))
-        batch, _ = preprocess([image], policy=policy, mean_bgr=runtime.mean_bgr)
-        error[pad_with_mean] = float(np.abs(runtime.infer(batch)["loc"] - want).max())
-    assert error[True] < 0.5 and error[True] <= error[False]
 
 
 def test_fp32_tensor_bundle(fp32_tensor):
@@ -145,36 +131,53 @@ def test_fp32_tensor_bundle(fp32_tensor):
     assert max(check["max_abs_diff_random_pixels"]["320x320"].values()) < 1e-3
 
 
-def test_mil_interpreter_is_exact_in_fp32(fp32_tensor, astronaut_path):
-    """The reference interpreter itself, against PyTorch on a real image (what the program check relies on)."""
+@pytest.mark.parametrize("bundle", ["fp32_tensor", "fp32_image"])
+def test_program_gets_mean_coloured_letterbox_padding(bundle, request, astronaut_path):
+    """What the shared pre-processing makes for the manifest, letterboxed, through the interpreted FP32 program
+    gives PyTorch's outputs on the standard input: the padding reaches the model as the mean colour (zero after
+    the mean). Black padding (-mean after it) would not. Also checks the interpreter itself (which the program
+    check relies on)."""
     import torch
 
+    from edgeface.export.coreml_mil import MILProgramRuntime
     from edgeface.images import load_image
     from edgeface.models import get_model
     from edgeface.processing import ResizePolicy, preprocess
-    from edgeface.runtimes.coreml import MILProgramRuntime
 
-    runtime = MILProgramRuntime(fp32_tensor.manifest, fp32_tensor.file())
-    batch, _ = preprocess([load_image(astronaut_path)], policy=ResizePolicy.parse("320x320"),
-                          mean_bgr=runtime.mean_bgr)
-    got = runtime.infer(batch)
+    bundle = request.getfixturevalue(bundle)
+    runtime = MILProgramRuntime(bundle.manifest, bundle.file())
+    image, policy = load_image(astronaut_path)[:300], ResizePolicy.parse("320x320")  # wide: padded at the bottom
+    standard, _ = preprocess([image], policy=policy, mean_bgr=(104.0, 117.0, 123.0))
     with torch.no_grad():
-        want = get_model("retinaface_mnet025", weights="default")(torch.from_numpy(batch))
-    for name, tensor in zip(("loc", "conf", "landmarks"), want):
-        assert got[name].dtype == np.float32 and got[name].shape == tuple(tensor.shape)
-        assert np.abs(got[name] - tensor.numpy()).max() < 1e-4
+        outputs = get_model("retinaface_mnet025", weights="default")(torch.from_numpy(standard))
+    want = {name: t.numpy() for name, t in zip(("loc", "conf", "landmarks"), outputs)}
+    error = {}
+    for pad_bgr in (runtime.pad_bgr, (0.0, 0.0, 0.0)):
+        batch, _ = preprocess([image], policy=policy, mean_bgr=runtime.mean_bgr, pad_bgr=pad_bgr, layout="NCHW")
+        got = runtime.infer(batch)
+        assert all(got[n].dtype == np.float32 and got[n].shape == want[n].shape for n in want)
+        error[pad_bgr] = max(float(np.abs(got[n] - want[n]).max()) for n in want)
+    assert error[runtime.pad_bgr] < 1e-4 and error[(0.0, 0.0, 0.0)] > 0.1
+
+
+def test_no_verify_skips_the_program_check(fp32_image):
+    info = fp32_image.manifest.target_info
+    assert info["input_type"] == "image" and info["spec_checks"]["passed"]
+    assert info["program_check"] == {"status": "skipped", "reason": "--no-verify"}
+    assert fp32_image.manifest.parity == {"status": "skipped", "reason": "--no-verify"}
 
 
 def test_int8_weights_shrink_the_package(int8, fp16):
     m = int8.manifest
-    assert m.calibration["method"] == "weights-only" and m.calibration["images"] == 0
+    assert m.calibration["method"] == "weights-only" and m.calibration["images"] == 0 and not m.calibration["source"]
     assert m.calibration["tool"] == "coremltools.optimize.coreml.linear_quantize_weights"
     mil = m.target_info["spec_checks"]["mil"]
     assert mil["quantized_data_dtypes"] == ["int8"] and mil["ops"].get("constexpr_affine_dequantize", 0) > 0
     assert set(mil["conv_output_dtypes"]) == {"fp16"}  # weights only: compute stays FP16
     assert mil["conv_weight_elements"]["int8"] > 0.9 * sum(mil["conv_weight_elements"].values())
     assert _package_bytes(int8) < 0.65 * _package_bytes(fp16)
-    assert m.target_info["program_check"]["status"] == "passed"
+    check = m.target_info["program_check"]
+    assert check["status"] == "passed" and check["images"] == 1  # the astronaut only: no shared data was found
 
 
 def test_int8_enumerated_sizes(int8):
