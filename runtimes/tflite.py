@@ -25,7 +25,7 @@ def interpreter_module() -> tuple[Any, str]:
     for module, dist in INTERPRETERS:
         try:
             return importlib.import_module(module), dist
-        except ImportError as exc:  # tflite-runtime with numpy 2 fails here too (_ARRAY_API not found)
+        except (ImportError, AttributeError) as exc:  # tflite-runtime built for numpy 1 fails so under numpy 2
             failures.append(f"{module}: {exc}")
     raise EdgefaceError(
         "running TFLite bundles needs a TFLite interpreter (" + "; ".join(failures) + "); install one with "
