@@ -159,6 +159,86 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import collections
+
+    import cv2
+
+    from edgeface.images import draw_faces
+    from edgeface.stream import frames
+
+    detector = _detector(args, score_threshold=args.threshold, nms_threshold=args.nms)
+    out = Path(args.save) if args.save else None
+    recent: collections.deque = collections.deque(maxlen=30)  # rolling window: (seconds, stage timings)
+    count = faces_total = 0
+    interrupted = False
+    last_report = time.monotonic()
+    print(f"edgeface run: {detector.name} on {args.source}, input {detector.resize}", file=sys.stderr)
+    try:
+        for name, frame in frames(args.source):
+            stages: dict[str, float] = {}
+            started = time.perf_counter()
+            faces = detector.detect_arrays([frame], timings=stages)[0].to_faces()
+            recent.append((time.perf_counter() - started, stages))
+            count += 1
+            faces_total += len(faces)
+            if args.json:
+                print(json.dumps({"frame": name, "faces": [f.to_dict() for f in faces],
+                                  "ms": {k: round(v * 1e3, 2) for k, v in stages.items()}}), flush=True)
+            if out:
+                target = out / f"{name}.jpg"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(target), draw_faces(frame, faces))
+            if time.monotonic() - last_report >= 1.0:
+                print(f"  {_rolling(recent)}, frame {count}, {len(faces)} face(s)", file=sys.stderr)
+                last_report = time.monotonic()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        detector.close()
+    how = "interrupted" if interrupted else "end of stream"
+    summary = _rolling(recent) if recent else "no frames"
+    print(f"edgeface run: {how} after {count} frame(s), {faces_total} face(s); last {len(recent)} frames: "
+          f"{summary}", file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+def _rolling(recent) -> str:
+    seconds = sum(s for s, _ in recent)
+    stage = {k: sum(t.get(k, 0.0) for _, t in recent) / len(recent) * 1e3 for k in ("pre", "infer", "post")}
+    return (f"{len(recent) / seconds:.1f} fps, pre {stage['pre']:.1f} ms, infer {stage['infer']:.1f} ms, "
+            f"post {stage['post']:.1f} ms")
+
+
+def _compare_side(spec: str, args: argparse.Namespace, policy=None):
+    """'torch' (with --weights), a bundle directory, or BUNDLE@RUNTIME."""
+    from edgeface.benchmarks.parity import LOOSE_THRESHOLD
+    from edgeface.detector import Detector
+
+    model, _, runtime = spec.partition("@")
+    if model == "torch":
+        return Detector(weights=args.weights, resize=policy, threads=args.threads, score_threshold=LOOSE_THRESHOLD)
+    return Detector(model=model, runtime=runtime or None, resize=policy, threads=args.threads,
+                    score_threshold=LOOSE_THRESHOLD)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from edgeface.benchmarks.parity import compare
+    from edgeface.export.pipeline import spread
+    from edgeface.images import list_images, load_image
+
+    paths = list_images(args.images)
+    if not paths:
+        raise EdgefaceError(f"no images found under {args.images}")
+    candidate = _compare_side(args.b, args)
+    reference = _compare_side(args.a, args, policy=candidate.resize)  # both see the same input
+    report = compare(reference, candidate, [load_image(p) for p in spread(paths, args.limit)])
+    print(f"{reference.name} vs {candidate.name}: {report.summary()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeface", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-mb", type=int)
     p.add_argument("--no-verify", action="store_true", help="skip the check against the bundle's parity images")
     p.set_defaults(func=cmd_build_engine)
+
+    p = sub.add_parser("run", help="stream an image, folder, video or camera through a runtime")
+    p.add_argument("--source", required=True, help="IMAGE | DIR | VIDEO | camera:N")
+    p.add_argument("--save", help="write annotated frames here")
+    p.add_argument("--json", action="store_true", help="print one JSON line per frame to stdout")
+    p.add_argument("--threshold", type=float, default=0.5, help="minimum face score (default 0.5)")
+    p.add_argument("--nms", type=float, default=0.4, help="NMS IoU threshold (default 0.4)")
+    _model_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="detection agreement and landmark error of two backends on real images")
+    p.add_argument("a", help="reference: 'torch' (with --weights), a bundle directory, or BUNDLE@RUNTIME")
+    p.add_argument("b", help="candidate, same forms")
+    p.add_argument("--images", required=True, help="folder of real images")
+    p.add_argument("--limit", type=int, default=20, help="images spread over the folder (default 20)")
+    p.add_argument("--weights", default="default", help="checkpoint of the 'torch' side")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", help="write the report as JSON to this file")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="accuracy on a benchmark")
     bench = p.add_subparsers(dest="benchmark", required=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -68,24 +69,33 @@ class Detector:
         m = self.runtime.manifest
         return f"{m.model['name']} {m.target}/{m.precision} ({self.runtime.name})"
 
-    def detect_arrays(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        """BGR uint8 images -> detections as arrays (batched as far as the model allows)."""
+    def detect_arrays(self, images: Sequence[np.ndarray], timings: dict[str, float] | None = None
+                      ) -> list[Detections]:
+        """BGR uint8 images -> detections as arrays (batched as far as the model allows). ``timings``, when
+        given, accumulates the seconds spent in each stage under "pre", "infer" and "post"."""
+        clock = time.perf_counter
         step = self.runtime.max_batch or len(images)
         results = []
         for start in range(0, len(images), step):
+            t0 = clock()
             chunk = images[start:start + step]
             batch, letterboxes = preprocess(chunk, policy=self.resize, mean_bgr=self.runtime.mean_bgr,
                                             pad_bgr=self.runtime.pad_bgr, layout=self.runtime.layout)
             if self.runtime.max_batch and len(batch) < self.runtime.max_batch and not self.runtime.manifest.dynamic:
                 pad = np.zeros((self.runtime.max_batch - len(batch), *batch.shape[1:]), batch.dtype)
                 batch = np.concatenate([batch, pad])  # a static batch is filled up, the extra rows ignored
+            t1 = clock()
             out = self.runtime.infer(batch)
+            t2 = clock()
             results += [
                 postprocess(out["loc"][i], out["conf"][i], out["landmarks"][i], letterbox, anchors=self.anchors,
                             score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
                             top_k=self.top_k, keep_top_k=self.keep_top_k)
                 for i, letterbox in enumerate(letterboxes)
             ]
+            if timings is not None:
+                for stage, seconds in (("pre", t1 - t0), ("infer", t2 - t1), ("post", clock() - t2)):
+                    timings[stage] = timings.get(stage, 0.0) + seconds
         return results
 
     def detect(self, image: ImageLike | Sequence[ImageLike]) -> list[Face] | list[list[Face]]:

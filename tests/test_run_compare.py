@@ -1,0 +1,134 @@
+"""`edgeface run` (image, folder, video, camera) and `edgeface compare`, and the same real-image battery on every
+runtime that runs here."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from edgeface import Detector, EdgefaceError
+from edgeface.cli import main
+from edgeface.export.pipeline import default_image_dir, export_bundle
+
+pytest.importorskip("onnxsim", reason="needs the onnx extra: pip install edgeface[onnx]")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, astronaut_path):
+    """Real photographs: the shared WIDER images when present, else crops of the bundled one."""
+    if default_image_dir():
+        return default_image_dir()
+    folder = tmp_path_factory.mktemp("images")
+    image = cv2.imread(str(astronaut_path))
+    for i, (y, x) in enumerate([(0, 0), (40, 60), (100, 20)]):
+        cv2.imwrite(str(folder / f"{i}.jpg"), image[y:y + 400, x:x + 380])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory, astronaut_path):
+    path = tmp_path_factory.mktemp("video") / "clip.avi"
+    image = cv2.imread(str(astronaut_path))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (512, 512))
+    for shift in range(6):
+        writer.write(np.roll(image, 4 * shift, axis=1))
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tmp_path_factory, images):
+    return export_bundle("onnx", imgsz=(320, 320), calib=images, out=tmp_path_factory.mktemp("b") / "onnx",
+                         progress=False).path
+
+
+def test_run_video_writes_frames_and_json_lines(video, tmp_path, capsys):
+    assert main(["run", "--source", str(video), "--save", str(tmp_path), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["frame"] for r in lines] == [f"clip_{i:06d}" for i in range(1, 7)]
+    assert all(len(r["faces"]) == 1 and set(r["ms"]) == {"pre", "infer", "post"} for r in lines)
+    assert sorted(p.name for p in tmp_path.glob("*.jpg")) == [f"clip_{i:06d}.jpg" for i in range(1, 7)]
+
+
+def test_run_reports_fps_and_stage_times(video, capsys):
+    main(["run", "--source", str(video)])
+    err = capsys.readouterr().err
+    assert "end of stream after 6 frame(s), 6 face(s)" in err
+    assert "fps, pre" in err and "infer" in err and "post" in err
+
+
+def test_run_bundle_on_a_folder(onnx_bundle, images, tmp_path, capsys):
+    assert main(["run", "--model", str(onnx_bundle), "--source", str(images), "--save", str(tmp_path)]) == 0
+    assert "onnx/fp32 (onnxruntime)" in capsys.readouterr().err
+    assert len(list(tmp_path.rglob("*.jpg"))) > 0
+
+
+def test_run_stops_cleanly_on_ctrl_c(video, monkeypatch, capsys):
+    import edgeface.stream
+
+    real = edgeface.stream.frames
+
+    def interrupted(source):
+        for index, item in enumerate(real(source)):
+            if index == 2:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(edgeface.stream, "frames", interrupted)
+    assert main(["run", "--source", str(video)]) == 130
+    assert "interrupted after 2 frame(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source, message", [("camera:9", "could not open camera 9"),
+                                             ("no/such.mp4", "no such image, folder or video")])
+def test_run_bad_sources(source, message, capsys):
+    assert main(["run", "--source", source]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_torch_and_a_bundle(onnx_bundle, images, tmp_path, capsys):
+    assert main(["compare", "torch", str(onnx_bundle), "--images", str(images), "--limit", "5",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["images"] == 5 and report["detection_agreement"] == 1.0 and report["landmark_error"] < 1e-4
+    assert "torch/fp32 (torch) vs retinaface_mnet025 onnx/fp32 (onnxruntime)" in capsys.readouterr().out
+
+
+def _battery(runtime, model, images):
+    """The checks every backend must pass against the torch reference on real images."""
+    from edgeface.benchmarks.parity import compare
+    from edgeface.images import list_images, load_image
+
+    candidate = Detector(runtime=runtime, model=model, threads=2, score_threshold=0.3)
+    reference = Detector(resize=candidate.resize, score_threshold=0.3)
+    report = compare(reference, candidate, [load_image(p) for p in list_images(images)[:6]]).check("fp32")
+    assert report.passed, report.summary()
+    assert report.max_abs_diff["conf"] < 1e-3
+    assert candidate.runtime.describe()["runtime"] == runtime
+    return candidate
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime", "tflite"])
+def test_every_local_runtime_passes_the_battery(runtime, onnx_bundle, images, tmp_path, astronaut_path):
+    model = None
+    if runtime == "onnxruntime":
+        model = onnx_bundle
+    elif runtime == "tflite":
+        pytest.importorskip("litert_torch", reason="needs the tflite extra: pip install edgeface[tflite]")
+        model = export_bundle("tflite", imgsz=(320, 320), calib=images, out=tmp_path / "t", progress=False).path
+    candidate = _battery(runtime, model, images)
+    faces = candidate.detect(astronaut_path)
+    assert len([f for f in faces if f.score > 0.5]) == 1
+
+
+def test_coreml_and_tensorrt_say_why_they_cannot_run_here(onnx_bundle):
+    import sys
+
+    from edgeface.runtimes import open_runtime
+
+    if sys.platform != "darwin":
+        with pytest.raises(EdgefaceError, match="Apple platforms"):
+            open_runtime("coreml", model=onnx_bundle)
+    with pytest.raises(EdgefaceError, match="tensorrt"):
+        open_runtime("tensorrt", model=onnx_bundle)
