@@ -67,7 +67,15 @@ class TFLiteRuntime(Runtime):
         super().__init__(bundle.manifest, source=str(bundle.path))
         self.interpreter, self.info = load_interpreter(model_path=str(bundle.file()), threads=threads,
                                                        xnnpack=xnnpack)
-        self.interpreter.allocate_tensors()
+        try:
+            self.interpreter.allocate_tensors()
+        except RuntimeError as exc:
+            # e.g. tflite-runtime 2.14 has no int8 -> int16 QUANTIZE, which --int8-io bundles start with
+            raise EdgefaceError(
+                f"{self.info['library']} {self.info['version']} cannot run {bundle.file()}: "
+                f"{str(exc).splitlines()[0]}. Int8-I/O bundles with 16-bit stages need LiteRT (ai-edge-litert); "
+                "use the float-I/O INT8 bundle on tflite-runtime"
+            ) from None
         self._input, self._outputs = self._resolve_tensors()
         spec = self.manifest.input
         self._input_dtype = spec.dtype

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine (venv + pinned dependencies) and runs the test suite.
+# Sets up a fresh machine (venv + pinned dependencies, all extras) and runs the test suite; without arguments it
+# then runs the tflite runtime's checks again in a Raspberry Pi-like environment (tflite-runtime, numpy < 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-venv.sh all,test
-exec .venv/bin/pytest "$@"
+.venv/bin/pytest "$@"
+if [ $# -eq 0 ]; then
+  scripts/test-tflite-runtime.sh
+fi
