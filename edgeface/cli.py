@@ -11,8 +11,8 @@ from pathlib import Path
 from edgeface.errors import EdgefaceError
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
+def _weights_options(group) -> None:
+    """The PyTorch model: architecture, checkpoint, activation."""
     group.add_argument("--backbone", default="retinaface_mnet025",
                        help="retinaface_mnet025 (alias mnet025) or retinaface_r50 (alias r50)")
     group.add_argument("--weights", default="default",
@@ -21,6 +21,17 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--activation", choices=["relu", "leaky"],
                        help="activation for a checkpoint edgeface does not recognise: relu (reference first "
                             "release) or leaky (LeakyReLU 0.1, later releases; the default)")
+
+
+def _threshold_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threshold", type=float, default=0.5, help="minimum face score (default 0.5)")
+    parser.add_argument("--nms", type=float, default=0.4, help="NMS IoU threshold (default 0.4)")
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    """A PyTorch model or a bundle, and how to run it."""
+    group = parser.add_argument_group("model")
+    _weights_options(group)
     group.add_argument("--device", default="cpu", help="cpu or cuda")
     group.add_argument("--resize", help="original | longest:N | fixed:HxW (default: original, or the bundle's size)")
     group.add_argument("--model", help="an exported bundle directory (instead of a PyTorch checkpoint)")
@@ -247,8 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="image file or folder (searched recursively)")
     p.add_argument("--out", help="write annotated images and one JSON per image here")
     p.add_argument("--json", action="store_true", help="print one JSON line per image to stdout")
-    p.add_argument("--threshold", type=float, default=0.5, help="minimum face score (default 0.5)")
-    p.add_argument("--nms", type=float, default=0.4, help="NMS IoU threshold (default 0.4)")
+    _threshold_options(p)
     _model_options(p)
     p.set_defaults(func=cmd_detect)
 
@@ -270,10 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="WIDER images for --eval (default ../shared)")
     p.add_argument("--gt", help="WIDER ground truth for --eval (default ../shared)")
     p.add_argument("--limit", type=int, help="--eval on N images spread over all events")
-    group = p.add_argument_group("model")
-    group.add_argument("--backbone", default="retinaface_mnet025")
-    group.add_argument("--weights", default="default")
-    group.add_argument("--activation", choices=["relu", "leaky"])
+    _weights_options(p.add_argument_group("model"))
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build-engine", help="build the TensorRT engine of a jetson bundle on this device")
@@ -286,8 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="IMAGE | DIR | VIDEO | camera:N")
     p.add_argument("--save", help="write annotated frames here")
     p.add_argument("--json", action="store_true", help="print one JSON line per frame to stdout")
-    p.add_argument("--threshold", type=float, default=0.5, help="minimum face score (default 0.5)")
-    p.add_argument("--nms", type=float, default=0.4, help="NMS IoU threshold (default 0.4)")
+    _threshold_options(p)
     _model_options(p)
     p.set_defaults(func=cmd_run)
 
