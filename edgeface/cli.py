@@ -142,6 +142,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not images or not gt:
             raise EdgefaceError("--eval needs WIDER FACE data: --images DIR --gt DIR (found no ../shared)")
         evaluate = {"images": images, "gt": gt, "limit": args.limit}
+    if args.board:
+        _apply_board(args, target=args.board.target, precision=args.board.precision, opset=args.board.opset,
+                     imgsz=[args.board.imgsz] if args.board.imgsz else None,
+                     dynamic=args.board.dynamic and not args.imgsz)
+    if not args.target:
+        raise EdgefaceError("give --target (onnx, tflite, coreml, tensorrt, jetson, ...) or --board NAME")
     slope = {"relu": 0.0, "leaky": 0.1, None: None}[args.activation]
     options = {"int8_io": True} if args.int8_io else {}
     sizes = args.imgsz or [None]
@@ -152,7 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         options["enumerated_sizes"] = sizes
     bundle = export_bundle(args.target, precision=args.precision, out=args.out, backbone=args.backbone,
                            weights=args.weights, negative_slope=slope, imgsz=sizes[0], dynamic=args.dynamic,
-                           calib=args.calib, calib_n=args.calib_n, opset=args.opset, verify=not args.no_verify,
+                           calib=args.calib, calib_n=args.calib_n, opset=args.opset or 17, verify=not args.no_verify,
                            evaluate=evaluate, options=options)
     m = bundle.manifest
     size = sum(p.stat().st_size for p in bundle.path.rglob("*") if p.is_file() and "parity" not in p.parts)
@@ -160,6 +166,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     if m.accuracy:
         w = m.accuracy["widerface"]
         print("WIDER FACE AP " + ", ".join(f"{k} {w['ap'][k]:.4f} ({w['delta_ap'][k]:+.4f})" for k in w["ap"]))
+    return 0
+
+
+def _apply_board(args: argparse.Namespace, **defaults) -> None:
+    """Board values fill in what the user did not give on the command line."""
+    for key, value in defaults.items():
+        if getattr(args, key) in (None, False):
+            setattr(args, key, value)
+
+
+def cmd_boards(args: argparse.Namespace) -> int:
+    from edgeface.board_profiles import list_boards
+
+    boards = list_boards()
+    if args.json:
+        print(json.dumps([b.to_dict() for b in boards], indent=2))
+        return 0
+    print(f"{'board':<19} {'target':<9} {'runtime':<12} {'precision':<9} {'input':<9} threads  device")
+    for b in boards:
+        size = "dynamic" if b.dynamic else f"{b.imgsz[0]}x{b.imgsz[1]}"
+        print(f"{b.name:<19} {b.target:<9} {b.runtime:<12} {b.precision:<9} {size:<9} {b.threads:<8} {b.title}")
     return 0
 
 
@@ -178,6 +205,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edgeface.images import draw_faces
     from edgeface.stream import frames
 
+    if args.board:
+        _apply_board(args, runtime=args.board.runtime if args.model else None, threads=args.board.threads or None)
     detector = _detector(args, score_threshold=args.threshold, nms_threshold=args.nms)
     out = Path(args.save) if args.save else None
     recent: collections.deque = collections.deque(maxlen=30)  # rolling window: (seconds, stage timings)
@@ -250,6 +279,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _board(name: str):
+    from edgeface.board_profiles import get_board
+
+    try:
+        return get_board(name)
+    except EdgefaceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeface", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("export", help="export a bundle for an edge target (with parity check)")
-    p.add_argument("--target", required=True,
-                   help="onnx | tflite | coreml | tensorrt, or a board: jetson, android, rpi, ios, x86")
+    p.add_argument("--target", help="onnx | tflite | coreml | tensorrt, or a platform: jetson, android, rpi, ios, x86")
+    p.add_argument("--board", type=_board, help="a board profile (`edgeface boards`) giving target, precision, size")
     p.add_argument("--precision", help="fp32 | fp16 | int8 (default: the target's first: fp32, or fp16 for "
                                        "coreml/tensorrt)")
     p.add_argument("--imgsz", type=_imgsz, help="static input HxW (default 640x640); coreml also takes several, "
@@ -274,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-n", type=int, default=100, help="number of calibration images (default 100)")
     p.add_argument("--int8-io", action="store_true", help="tflite int8: integer input/output tensors (NPUs)")
     p.add_argument("--out", help="bundle directory (default bundles/<model>-<target>-<precision>-<size>)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, parsed by TensorRT >= 8.5)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 17, parsed by TensorRT >= 8.5; or the board's)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--eval", action="store_true", help="also measure WIDER FACE AP and its delta to FP32")
     p.add_argument("--images", help="WIDER images for --eval (default ../shared)")
@@ -289,8 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the check against the bundle's parity images")
     p.set_defaults(func=cmd_build_engine)
 
+    p = sub.add_parser("boards", help="list the board profiles")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_boards)
+
     p = sub.add_parser("run", help="stream an image, folder, video or camera through a runtime")
     p.add_argument("--source", required=True, help="IMAGE | DIR | VIDEO | camera:N")
+    p.add_argument("--board", type=_board, help="a board profile: its runtime and threads")
     p.add_argument("--save", help="write annotated frames here")
     p.add_argument("--json", action="store_true", help="print one JSON line per frame to stdout")
     _threshold_options(p)

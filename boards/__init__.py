@@ -1,0 +1,1 @@
+"""Board profiles (TOML), read by edgeface.board_profiles."""

@@ -1,0 +1,68 @@
+"""Board profiles: shipped as data, validated, listed, and applied as defaults of export and run."""
+
+import json
+
+import pytest
+
+from edgeface import EdgefaceError
+from edgeface.board_profiles import _parse, get_board, list_boards
+from edgeface.cli import main
+
+
+def test_every_profile_loads_and_is_valid():
+    boards = {b.name: b for b in list_boards()}
+    assert set(boards) == {"jetson-orin-nano", "jetson-nano", "raspberry-pi-4", "raspberry-pi-5", "android-arm64",
+                           "iphone", "x86-avx2-laptop", "x86-nvidia-server"}
+    assert boards["jetson-nano"].target == "tensorrt" and boards["jetson-nano"].opset == 13
+    assert boards["raspberry-pi-4"].runtime == "tflite" and boards["raspberry-pi-4"].imgsz == (320, 320)
+    assert boards["x86-nvidia-server"].dynamic and boards["x86-nvidia-server"].imgsz is None
+    assert all(b.notes and b.arch for b in boards.values())
+
+
+def test_unknown_board_suggests_the_nearest():
+    with pytest.raises(EdgefaceError, match="did you mean 'raspberry-pi-5'"):
+        get_board("raspbery-pi-5")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"gpu": "yes"}, "unknown keys"),
+    ({"precision": "int4"}, "precision"),
+    ({"runtime": "tensorflow"}, "unknown runtime"),
+    ({"imgsz": None, "dynamic": False}, "imgsz or dynamic"),
+])
+def test_bad_profiles_are_refused(change, message):
+    data = {**get_board("raspberry-pi-5").to_dict(), **change}
+    data = {k: v for k, v in data.items() if v is not None}
+    with pytest.raises(EdgefaceError, match=message):
+        _parse("bad.toml", data)
+
+
+def test_boards_command_lists_them(capsys):
+    assert main(["boards", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {b["name"] for b in listed} == {b.name for b in list_boards()}
+    assert main(["boards"]) == 0
+    assert "jetson-orin-nano" in capsys.readouterr().out
+
+
+def test_board_sets_export_defaults_and_flags_override(tmp_path):
+    pytest.importorskip("onnxsim", reason="needs the onnx extra: pip install edgeface[onnx]")
+    assert main(["export", "--board", "jetson-nano", "--out", str(tmp_path / "a"), "--no-verify"]) == 0
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert (manifest["target"], manifest["precision"], manifest["converter"]["opset"]) == ("tensorrt", "fp16", 13)
+    assert manifest["input"]["shape"] == [1, 3, 640, 640]
+    assert main(["export", "--board", "jetson-nano", "--imgsz", "320x320", "--opset", "17",
+                 "--out", str(tmp_path / "b"), "--no-verify"]) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["input"]["shape"] == [1, 3, 320, 320] and manifest["converter"]["opset"] == 17
+
+
+def test_board_sets_run_runtime_and_threads(tmp_path, astronaut_path, capsys):
+    pytest.importorskip("onnxsim", reason="needs the onnx extra: pip install edgeface[onnx]")
+    assert main(["export", "--board", "x86-avx2-laptop", "--precision", "fp32", "--imgsz", "320",
+                 "--out", str(tmp_path / "x86"), "--no-verify"]) == 0
+    capsys.readouterr()
+    assert main(["run", "--board", "x86-avx2-laptop", "--model", str(tmp_path / "x86"),
+                 "--source", str(astronaut_path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "onnx/fp32 (onnxruntime)" in captured.err and len(json.loads(captured.out)["faces"]) == 1
