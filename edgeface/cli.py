@@ -176,6 +176,40 @@ def _apply_board(args: argparse.Namespace, **defaults) -> None:
             setattr(args, key, value)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edgeface.benchmarks.bench import bench, device_info, parse_sizes, report
+    from edgeface.export.pipeline import default_image_dir
+
+    if args.board:
+        _apply_board(args, runtime=args.board.runtime if args.model else None, threads=args.board.threads or None)
+    data = None
+    images = args.data or default_image_dir()
+    if images:
+        gt = args.gt or Path(images).parents[1] / "ground_truth"
+        # The FP32 reference of a bundle: --weights when given, else the weights its manifest names.
+        data = {"images": images, "gt": gt, "limit": args.limit,
+                "weights": None if args.weights == "default" else args.weights}
+    sizes = parse_sizes(args.sizes)
+    result = bench(lambda: _detector(args), sizes=sizes, warmup=args.warmup, iters=args.iters, data=data)
+    record = report([result], device=device_info(args.board),
+                    settings={"threads": args.threads, "warmup": args.warmup, "iters": args.iters,
+                              "sizes": list(sizes), "limit": args.limit})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(record, indent=1))
+    for row in result["latency"]:
+        print(f"{row['size']:>5} {row['image'][1]}x{row['image'][0]}: total p50 {row['total_ms']['p50']:.1f} ms "
+              f"(pre {row['pre_ms']['p50']:.1f}, infer {row['infer_ms']['p50']:.1f}, post {row['post_ms']['p50']:.1f})"
+              f", {row['fps']} fps")
+    if result["accuracy"]:
+        acc = result["accuracy"]
+        delta = acc["delta_ap"] or {}
+        print("WIDER FACE AP " + ", ".join(f"{k} {acc['ap'][k]:.4f}" + (f" ({delta[k]:+.4f})" if delta else "")
+                                           for k in acc["ap"]))
+    print(f"load {result['load_seconds']} s, peak RSS {result['peak_rss_mb']} MB; report {out / 'bench.json'}")
+    return 0
+
+
 def cmd_boards(args: argparse.Namespace) -> int:
     from edgeface.board_profiles import list_boards
 
@@ -326,6 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-mb", type=int)
     p.add_argument("--no-verify", action="store_true", help="skip the check against the bundle's parity images")
     p.set_defaults(func=cmd_build_engine)
+
+    p = sub.add_parser("bench", help="accuracy and latency of one artifact on this device (JSON report)")
+    p.add_argument("--data", help="WIDER images for accuracy (default ../shared when present)")
+    p.add_argument("--gt", help="WIDER ground truth (default beside --data)")
+    p.add_argument("--limit", type=int, help="accuracy on N images spread over all events")
+    p.add_argument("--board", type=_board, help="a board profile: its runtime and threads")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--iters", type=int, default=50, help="timed runs per size (default 50)")
+    p.add_argument("--sizes", default="vga,hd,4k", help="vga, hd, 4k or HxW, comma-separated")
+    p.add_argument("--out", default="reports", help="folder for bench.json (default reports)")
+    _model_options(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("boards", help="list the board profiles")
     p.add_argument("--json", action="store_true")

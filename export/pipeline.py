@@ -208,14 +208,14 @@ def _evaluate(bundle_dir: Path, model, not_runnable: str | None, spec: dict[str,
     log(f"WIDER FACE evaluation of the artifact ({candidate.resize})")
     ours = evaluate_detector(candidate.detect_arrays, spec["images"], gt, limit=spec.get("limit"), progress=progress)
     candidate.close()
-    base_ap = _fp32_baseline(model, candidate.resize, spec, gt, progress, log)
+    base_ap = fp32_baseline(model, candidate.resize, spec, gt, progress, log)
     delta = {k: round(ours.ap[k] - base_ap[k], 5) for k in ours.ap}
     log("AP " + ", ".join(f"{k} {ours.ap[k]:.4f} ({delta[k]:+.4f} vs fp32)" for k in ours.ap))
     return {"widerface": {**ours.to_dict(), "resize": str(candidate.resize), "fp32_torch_ap": base_ap,
                           "delta_ap": delta, "images_dir": str(spec["images"])}}
 
 
-def _fp32_baseline(model, policy: ResizePolicy, spec: dict[str, Any], gt, progress: bool, log) -> dict[str, float]:
+def fp32_baseline(model, policy: ResizePolicy, spec: dict[str, Any], gt, progress: bool, log) -> dict[str, float]:
     """AP of FP32 PyTorch on the same images and input policy: computed once per weights / policy / image set and
     kept in the cache directory (PyTorch FP32 is deterministic on a given machine), since every export of a model
     compares against the same figure."""

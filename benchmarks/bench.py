@@ -1,0 +1,170 @@
+"""``edgeface bench``: accuracy and latency of one artifact on this device, as a versioned JSON record that a
+device lab collects from every board."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edgeface.errors import EdgefaceError
+from edgeface.images import load_image
+
+SCHEMA = "edgeface.bench"
+SCHEMA_VERSION = 1
+SIZES = {"vga": (480, 640), "hd": (720, 1280), "4k": (2160, 3840)}
+LIBRARIES = ("edgeface", "torch", "numpy", "opencv-python-headless", "onnxruntime", "ai-edge-litert",
+             "tflite-runtime", "coremltools", "tensorrt")
+
+
+def parse_sizes(text: str) -> dict[str, tuple[int, int]]:
+    sizes = {}
+    for name in text.split(","):
+        name = name.strip().lower()
+        if name in SIZES:
+            sizes[name] = SIZES[name]
+        elif "x" in name and all(p.isdigit() for p in name.split("x")):
+            h, w = map(int, name.split("x"))
+            sizes[name] = (h, w)
+        else:
+            raise EdgefaceError(f"unknown size {name!r}: use vga, hd, 4k or HxW (e.g. 720x1280)")
+    return sizes
+
+
+def device_info(board=None) -> dict[str, Any]:
+    from edgeface.export.base import library_versions
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return {"hostname": platform.node(), "cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(),
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(), "gpu": gpu,
+            "board": board.name if board else None, "libraries": library_versions(*LIBRARIES)}
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ms = np.asarray(values) * 1e3
+    return {f"p{q}": round(float(np.percentile(ms, q)), 3) for q in (50, 90, 99)}
+
+
+def measure_latency(detector, image: np.ndarray, *, warmup: int, iters: int) -> dict[str, Any]:
+    """Per-stage latency percentiles of ``detector`` on one image, after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        detector.detect_arrays([image])
+    stages: dict[str, list[float]] = {"pre": [], "infer": [], "post": [], "total": []}
+    for _ in range(iters):
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        detector.detect_arrays([image], timings=timings)
+        stages["total"].append(time.perf_counter() - started)
+        for stage in ("pre", "infer", "post"):
+            stages[stage].append(timings[stage])
+    result = {f"{stage}_ms": _percentiles(values) for stage, values in stages.items()}
+    result["fps"] = round(1.0 / float(np.median(stages["total"])), 2)
+    return result
+
+
+def bench(
+    make_detector,
+    *,
+    sizes: dict[str, tuple[int, int]],
+    warmup: int = 5,
+    iters: int = 50,
+    data: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One artifact: load time, latency at each size, WIDER FACE AP (with ``data``: images, gt, limit) and the
+    delta to FP32 PyTorch, model file size, peak memory."""
+    started = time.perf_counter()
+    detector = make_detector()
+    load_seconds = time.perf_counter() - started
+    manifest = detector.runtime.manifest
+    photo = load_image(resources.files("edgeface") / "assets" / "astronaut.jpg")
+    latency = []
+    for name, (h, w) in sizes.items():
+        image = cv2.resize(photo, (w, h), interpolation=cv2.INTER_LINEAR)
+        record = {"size": name, "image": [h, w], "input": _input_hw(detector, (h, w)),
+                  **measure_latency(detector, image, warmup=warmup, iters=iters)}
+        latency.append(record)
+    accuracy = _accuracy(detector, data, progress) if data else None
+    size_bytes = _model_bytes(detector)
+    runtime = detector.runtime.describe()
+    detector.close()
+    return {
+        "name": f"{manifest.target}-{manifest.precision}-{manifest.preprocessing['resize'].replace(':', '')}",
+        "status": "ok",
+        "target": manifest.target,
+        "precision": manifest.precision,
+        "runtime": runtime,
+        "model": detector.runtime.source,
+        "size_bytes": size_bytes,
+        "load_seconds": round(load_seconds, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "latency": latency,
+        "accuracy": accuracy,
+    }
+
+
+def _input_hw(detector, image_hw: tuple[int, int]) -> list[int]:
+    policy = detector.resize
+    if policy.mode == "fixed":
+        return list(policy.size)
+    scale = policy.scale_for(image_hw)
+    return [round(image_hw[0] * scale), round(image_hw[1] * scale)]
+
+
+def _model_bytes(detector) -> int | None:
+    from pathlib import Path
+
+    manifest = detector.runtime.manifest
+    if not manifest.files:
+        return None
+    path = Path(detector.runtime.source) / manifest.files["model"]
+    return sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+
+
+def _accuracy(detector, data: dict[str, Any], progress: bool) -> dict[str, Any]:
+    from edgeface.benchmarks.accuracy import WIDER_SETTINGS, evaluate_detector
+    from edgeface.benchmarks.widerface import load_ground_truth
+    from edgeface.detector import Detector
+    from edgeface.export.pipeline import fp32_baseline
+    from edgeface.models import get_model
+
+    gt = load_ground_truth(data["gt"])
+    wider = Detector(runtime=detector.runtime, **WIDER_SETTINGS)
+    result = evaluate_detector(wider.detect_arrays, data["images"], gt, limit=data.get("limit"), progress=progress)
+    out = {**result.to_dict(), "resize": str(wider.resize),
+           "pr_curves": {k: np.round(v, 5).tolist() for k, v in result.pr_curves.items()}}
+    manifest = detector.runtime.manifest
+    weights = data.get("weights") or (manifest.model.get("weights") or {}).get("name") or "default"
+    try:
+        reference = get_model(manifest.model["name"], weights=weights)
+    except EdgefaceError as exc:  # e.g. a bundle exported from a local checkpoint: --weights names it
+        return {**out, "delta_ap": None, "delta_reason": f"no FP32 reference: {exc}"}
+    base = fp32_baseline(reference, wider.resize, data, gt, progress, lambda message: None)
+    return {**out, "fp32_torch_ap": base, "delta_ap": {k: round(result.ap[k] - base[k], 5) for k in result.ap}}
+
+
+def report(results: list[dict[str, Any]], *, device: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
+            "settings": settings, "results": results}
