@@ -197,6 +197,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(record, indent=1))
+    from edgeface.benchmarks.report import rows, write_tables
+
+    write_tables(rows(record), out / "bench.md")
     for row in result["latency"]:
         print(f"{row['size']:>5} {row['image'][1]}x{row['image'][0]}: total p50 {row['total_ms']['p50']:.1f} ms "
               f"(pre {row['pre_ms']['p50']:.1f}, infer {row['infer_ms']['p50']:.1f}, post {row['post_ms']['p50']:.1f})"
@@ -206,7 +209,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         delta = acc["delta_ap"] or {}
         print("WIDER FACE AP " + ", ".join(f"{k} {acc['ap'][k]:.4f}" + (f" ({delta[k]:+.4f})" if delta else "")
                                            for k in acc["ap"]))
-    print(f"load {result['load_seconds']} s, peak RSS {result['peak_rss_mb']} MB; report {out / 'bench.json'}")
+    print(f"load {result['load_seconds']} s, peak RSS {result['peak_rss_mb']} MB; report {out}/bench.json, "
+          "bench.md, bench.csv")
+    return 0
+
+
+def cmd_report_merge(args: argparse.Namespace) -> int:
+    from edgeface.benchmarks.report import merge, write_tables
+
+    markdown, table_csv = write_tables(merge(args.reports), args.out)
+    print(f"merged {len(args.reports)} report(s) into {markdown} and {table_csv}")
     return 0
 
 
@@ -372,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="folder for bench.json (default reports)")
     _model_options(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="bench reports")
+    reports = p.add_subparsers(dest="action", required=True)
+    p = reports.add_parser("merge", help="join bench.json reports of many devices into one table")
+    p.add_argument("reports", nargs="+", help="bench.json files")
+    p.add_argument("--out", required=True, help="Markdown table to write (a .csv is written beside it)")
+    p.set_defaults(func=cmd_report_merge)
 
     p = sub.add_parser("boards", help="list the board profiles")
     p.add_argument("--json", action="store_true")

@@ -35,3 +35,47 @@ def test_short_bench_run_writes_a_versioned_report(tmp_path, wider_images, wider
     assert accuracy["delta_ap"] == {"easy": 0.0, "medium": 0.0, "hard": 0.0}  # torch against itself
     assert len(accuracy["pr_curves"]["hard"]) == 1000
     assert "vga 640x480: total p50" in capsys.readouterr().out
+
+
+def _record(hostname, results):
+    from edgeface.benchmarks.bench import report
+
+    return report(results, device={"hostname": hostname, "board": "raspberry-pi-5", "cores": 4},
+                  settings={"iters": 3})
+
+
+def _result(name, p50, hard):
+    return {"name": name, "status": "ok", "target": "tflite", "precision": "int8", "runtime": {"runtime": "tflite"},
+            "size_bytes": 680_000, "latency": [{"size": "vga", "total_ms": {"p50": p50}, "infer_ms": {"p50": p50 - 2},
+                                                "fps": round(1000 / p50, 2)}],
+            "accuracy": {"ap": {"easy": 0.87, "medium": 0.81, "hard": hard}, "delta_ap": {"hard": -0.0016}}}
+
+
+def test_merge_joins_devices_into_one_table(tmp_path, capsys):
+    import csv
+
+    paths = []
+    for host, p50 in (("pi-a", 95.0), ("pi-b", 101.5)):
+        path = tmp_path / f"{host}.json"
+        path.write_text(json.dumps(_record(host, [_result("tflite-int8", p50, 0.5162)])))
+        paths.append(str(path))
+    assert main(["report", "merge", *paths, "--out", str(tmp_path / "lab" / "lab.md")]) == 0
+    markdown = (tmp_path / "lab" / "lab.md").read_text().splitlines()
+    assert markdown[0].startswith("| device | board | artifact") and len(markdown) == 4
+    assert "| pi-a | raspberry-pi-5 | tflite-int8 |" in markdown[2] and "95.0" in markdown[2]
+    rows = list(csv.DictReader((tmp_path / "lab" / "lab.csv").open()))
+    assert [(r["device"], r["p50_ms"], r["ap_hard"]) for r in rows] == [("pi-a", "95.0", "0.5162"),
+                                                                      ("pi-b", "101.5", "0.5162")]
+
+
+def test_merge_refuses_other_files(tmp_path):
+    from edgeface.benchmarks.report import merge
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"schema": "something.else"}))
+    with pytest.raises(EdgefaceError, match="not an edgeface bench report"):
+        merge([other])
+    future = tmp_path / "future.json"
+    future.write_text(json.dumps({**_record("x", []), "schema_version": 99}))
+    with pytest.raises(EdgefaceError, match="schema version 99"):
+        merge([future])
