@@ -54,15 +54,15 @@ def rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _cell(value: Any) -> str:
+def _cell(column: str, value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1 else f"{value:.1f}"
-    return str(value)
+        return f"{value:.4f}" if column.startswith(("ap_", "delta_")) else f"{value:.4g}"
+    return "" if value is None else str(value)
 
 
 def to_markdown(table: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[c]).replace("|", "/") for c in COLUMNS) + " |" for row in table]
+    lines += ["| " + " | ".join(_cell(c, row[c]).replace("|", "/") for c in COLUMNS) + " |" for row in table]
     return "\n".join(lines) + "\n"
 
 

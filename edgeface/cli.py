@@ -190,16 +190,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data = {"images": images, "gt": gt, "limit": args.limit,
                 "weights": None if args.weights == "default" else args.weights}
     sizes = parse_sizes(args.sizes)
-    result = bench(lambda: _detector(args), sizes=sizes, warmup=args.warmup, iters=args.iters, data=data)
-    record = report([result], device=device_info(args.board),
+    options = {"sizes": sizes, "warmup": args.warmup, "iters": args.iters, "data": data}
+    if args.all:
+        from edgeface.benchmarks.bench import bench_all
+
+        def open_model(bundle):
+            args.model = bundle
+            return _detector(args)
+
+        results = bench_all(open_model, out=args.out, weights=args.weights, calib=args.calib, calib_n=args.calib_n,
+                            **options)
+    else:
+        results = [bench(lambda: _detector(args), **options)]
+    result = results[0]
+    record = report(results, device=device_info(args.board),
                     settings={"threads": args.threads, "warmup": args.warmup, "iters": args.iters,
                               "sizes": list(sizes), "limit": args.limit})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(record, indent=1))
-    from edgeface.benchmarks.report import rows, write_tables
+    from edgeface.benchmarks.report import rows, to_markdown, write_tables
 
-    write_tables(rows(record), out / "bench.md")
+    table = rows(record)
+    write_tables(table, out / "bench.md")
+    if args.all:
+        print(to_markdown(table))
     for row in result["latency"]:
         print(f"{row['size']:>5} {row['image'][1]}x{row['image'][0]}: total p50 {row['total_ms']['p50']:.1f} ms "
               f"(pre {row['pre_ms']['p50']:.1f}, infer {row['infer_ms']['p50']:.1f}, post {row['post_ms']['p50']:.1f})"
@@ -382,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=50, help="timed runs per size (default 50)")
     p.add_argument("--sizes", default="vga,hd,4k", help="vga, hd, 4k or HxW, comma-separated")
     p.add_argument("--out", default="reports", help="folder for bench.json (default reports)")
+    p.add_argument("--all", action="store_true", help="export every target x precision and bench each")
+    p.add_argument("--calib", help="--all: INT8 calibration images (default ../shared WIDER images)")
+    p.add_argument("--calib-n", type=int, default=100, help="--all: number of calibration images (default 100)")
     _model_options(p)
     p.set_defaults(func=cmd_bench)
 

@@ -62,7 +62,7 @@ def test_merge_joins_devices_into_one_table(tmp_path, capsys):
     assert main(["report", "merge", *paths, "--out", str(tmp_path / "lab" / "lab.md")]) == 0
     markdown = (tmp_path / "lab" / "lab.md").read_text().splitlines()
     assert markdown[0].startswith("| device | board | artifact") and len(markdown) == 4
-    assert "| pi-a | raspberry-pi-5 | tflite-int8 |" in markdown[2] and "95.0" in markdown[2]
+    assert "| pi-a | raspberry-pi-5 | tflite-int8 |" in markdown[2] and "| vga | 95 | 93 |" in markdown[2]
     rows = list(csv.DictReader((tmp_path / "lab" / "lab.csv").open()))
     assert [(r["device"], r["p50_ms"], r["ap_hard"]) for r in rows] == [("pi-a", "95.0", "0.5162"),
                                                                       ("pi-b", "101.5", "0.5162")]
@@ -79,3 +79,27 @@ def test_merge_refuses_other_files(tmp_path):
     future.write_text(json.dumps({**_record("x", []), "schema_version": 99}))
     with pytest.raises(EdgefaceError, match="schema version 99"):
         merge([future])
+
+
+def test_bench_all_exports_and_benches_every_local_target(tmp_path, wider_images, wider_gt, capsys):
+    pytest.importorskip("litert_torch", reason="needs every extra: pip install edgeface[all]")
+    pytest.importorskip("coremltools", reason="needs every extra: pip install edgeface[all]")
+    assert main(["bench", "--all", "--data", str(wider_images), "--gt", str(wider_gt), "--limit", "2",
+                 "--sizes", "vga", "--warmup", "1", "--iters", "2", "--calib-n", "4", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench.json").read_text())
+    status = {r["name"]: r["status"] for r in record["results"]}
+    assert status["torch-fp32-original"] == "ok"
+    for name in ("onnx-fp32-dynamic", "onnx-fp16-dynamic", "onnx-int8-dynamic", "tflite-fp32-640x640",
+                 "tflite-fp16-640x640", "tflite-int8-640x640"):
+        assert status[name] == "ok", name
+    by_name = {r["name"]: r for r in record["results"]}
+    assert by_name["onnx-fp32-dynamic"]["accuracy"]["delta_ap"]["hard"] == pytest.approx(0, abs=1e-3)
+    import sys
+
+    if sys.platform != "darwin":
+        assert status["coreml-fp16-640x640"] == "exported"
+        assert "Apple platforms" in by_name["coreml-fp16-640x640"]["reason"]
+    assert status["tensorrt-fp16-dynamic"] in ("exported", "ok")
+    table = (tmp_path / "bench.md").read_text()
+    assert table.count("\n") == 2 + len(record["results"]) and "| tflite-int8-640x640 |" in table
+    assert "onnx-int8-dynamic" in capsys.readouterr().out
