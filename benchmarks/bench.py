@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 import resource
 import time
 from datetime import datetime, timezone
@@ -133,13 +134,10 @@ def _input_hw(detector, image_hw: tuple[int, int]) -> list[int]:
 
 
 def _model_bytes(detector) -> int | None:
-    from pathlib import Path
+    from edgeface.bundle import Bundle
 
     manifest = detector.runtime.manifest
-    if not manifest.files:
-        return None
-    path = Path(detector.runtime.source) / manifest.files["model"]
-    return sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    return Bundle(Path(detector.runtime.source), manifest).model_bytes() if manifest.files else None
 
 
 def _accuracy(detector, data: dict[str, Any], progress: bool) -> dict[str, Any]:
@@ -184,8 +182,6 @@ def bench_all(make_detector, *, out, weights: Any = "default", calib=None, calib
               progress: bool = True, **bench_options: Any) -> list[dict[str, Any]]:
     """Export every target x precision this machine can convert, bench each where its runtime runs, and record
     why any step failed (the table's status and reason columns). ``make_detector(bundle_dir)`` opens a bundle."""
-    from pathlib import Path
-
     from edgeface.export.pipeline import export_bundle
 
     results = [bench(lambda: make_detector(None), **bench_options, progress=progress)]  # FP32 PyTorch first
@@ -204,8 +200,8 @@ def bench_all(make_detector, *, out, weights: Any = "default", calib=None, calib
         try:
             result = bench(lambda: make_detector(bundle.path), **bench_options, progress=progress)
         except EdgefaceError as exc:  # e.g. Core ML off macOS, TensorRT without TensorRT
-            size = sum(p.stat().st_size for p in bundle.path.rglob("*") if p.is_file() and "parity" not in p.parts)
-            results.append({**entry, "status": "exported", "size_bytes": size, "reason": f"bench: {exc}"})
+            results.append({**entry, "status": "exported", "size_bytes": bundle.model_bytes(),
+                            "reason": f"bench: {exc}"})
             continue
         results.append({**result, **entry})
     return results

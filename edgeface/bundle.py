@@ -120,6 +120,11 @@ class Bundle:
     path: Path
     manifest: Manifest
 
+    def model_bytes(self) -> int:
+        """Size of the model file (or package directory, e.g. ``.mlpackage``): what a device has to ship."""
+        path = self.file()
+        return sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+
     def file(self, role: str = "model") -> Path:
         try:
             return self.path / self.manifest.files[role]

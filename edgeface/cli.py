@@ -161,8 +161,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                            calib=args.calib, calib_n=args.calib_n, opset=args.opset or 17, verify=not args.no_verify,
                            evaluate=evaluate, options=options)
     m = bundle.manifest
-    size = sum(p.stat().st_size for p in bundle.path.rglob("*") if p.is_file() and "parity" not in p.parts)
-    print(f"{bundle.path}: {m.target} {m.precision}, {size / 1e6:.2f} MB, parity {m.parity.get('status')}")
+    print(f"{bundle.path}: {m.target} {m.precision}, {bundle.model_bytes() / 1e6:.2f} MB, "
+          f"parity {m.parity.get('status')}")
     if m.accuracy:
         w = m.accuracy["widerface"]
         print("WIDER FACE AP " + ", ".join(f"{k} {w['ap'][k]:.4f} ({w['delta_ap'][k]:+.4f})" for k in w["ap"]))
