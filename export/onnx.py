@@ -89,8 +89,8 @@ def head_nodes(proto: onnx.ModelProto) -> list[str]:
         if node is None or node.name in keep:
             continue
         keep.add(node.name)
-        if node.op_type == "Conv":
-            continue  # a head conv: stop at its input, the SSH output
+        if node.op_type in ("Conv", "Shape"):
+            continue  # a head conv: stop at its input, the SSH output; a Shape reads no values
         stack.extend(node.input)
     return sorted(keep)
 

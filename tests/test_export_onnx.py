@@ -122,6 +122,21 @@ def test_int8_is_calibrated_qdq(tmp_path, calib_dir):
     assert bundle.manifest.parity["status"] == "passed"
 
 
+@pytest.mark.parametrize("input_hw", [(320, 320), None], ids=["static", "dynamic"])
+def test_int8_keeps_only_the_heads_float(input_hw):
+    """The float part of an INT8 model ends at the head convolutions, also in a dynamic graph, where the heads
+    read the SSH outputs' shapes (Shape nodes): those must not pull the SSH convolutions into float (they cost
+    ~15% of INT8 latency and gain no accuracy)."""
+    from edgeface.export.onnx import export_float, head_nodes
+    from edgeface.models import get_model
+
+    proto = export_float(get_model("retinaface_mnet025", weights=None), input_hw, False, 17)
+    kept = head_nodes(proto)
+    convs = [n for n in kept if n.endswith("/Conv")]
+    assert len(convs) == 9 and all("Head." in n for n in convs)
+    assert not [n for n in kept if n.startswith("/ssh")]
+
+
 def test_jetson_bundle_is_verified_as_far_as_possible(tmp_path, calib_dir):
     bundle = export_bundle("jetson", dynamic=True, calib=calib_dir, out=tmp_path / "trt", progress=False)
     m = bundle.manifest
