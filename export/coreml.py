@@ -341,7 +341,7 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
     from edgeface.benchmarks.parity import compare
     from edgeface.bundle import manifest_for_model
     from edgeface.detector import Detector
-    from edgeface.export.pipeline import _torch_detector
+    from edgeface.export.pipeline import torch_detector
 
     manifest = manifest_for_model(model, target="coreml", precision=precision, files={"model": MODEL_FILE},
                                   input_hw=sizes[0], mean_in_graph=kind == "image")
@@ -351,7 +351,7 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
         return {"status": "skipped", "reason": str(exc)}
     candidate = Detector(runtime=runtime)
     with single_thread():  # PyTorch too: both run one image at a time
-        report = compare(_torch_detector(model, candidate.resize), candidate, _reference_images()).check(precision)
+        report = compare(torch_detector(model, candidate.resize), candidate, _reference_images()).check(precision)
     result: dict[str, Any] = {
         "status": "passed" if report.passed else "failed",
         "what": "the package's MIL program interpreted op by op with NumPy/PyTorch (FP16 tensors rounded to FP16 "

@@ -140,7 +140,7 @@ def _calibration_input(path: Path, policy: ResizePolicy, mean_bgr) -> np.ndarray
     return batch
 
 
-def _torch_detector(model, policy: ResizePolicy, **thresholds):
+def torch_detector(model, policy: ResizePolicy, **thresholds):
     from edgeface.detector import Detector
     from edgeface.runtimes.torch import TorchRuntime
 
@@ -154,7 +154,7 @@ def _write_parity_set(bundle_dir: Path, model, policy: ResizePolicy, paths: list
     folder.mkdir()
     from edgeface.benchmarks.parity import LOOSE_THRESHOLD
 
-    reference = _torch_detector(model, policy, score_threshold=LOOSE_THRESHOLD)
+    reference = torch_detector(model, policy, score_threshold=LOOSE_THRESHOLD)
     records = []
     for index, path in enumerate(paths):
         image = load_image(path)
@@ -178,7 +178,7 @@ def _parity(bundle_dir: Path, model, precision: str, not_runnable: str | None, l
         log(f"parity skipped: {not_runnable}")
         return {"status": "skipped", "reason": not_runnable}
     candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir))
-    reference = _torch_detector(model, candidate.resize)
+    reference = torch_detector(model, candidate.resize)
     report = compare(reference, candidate, parity_images(bundle_dir)).check(precision)
     candidate.close()
     log(f"parity: {report.summary()}")
@@ -235,7 +235,7 @@ def fp32_baseline(model, policy: ResizePolicy, spec: dict[str, Any], gt, progres
         log(f"FP32 PyTorch AP on these images from the cache ({cached})")
         return json.loads(cached.read_text())
     log("WIDER FACE evaluation of FP32 PyTorch, same input policy")
-    reference = _torch_detector(model, policy, **WIDER_SETTINGS)
+    reference = torch_detector(model, policy, **WIDER_SETTINGS)
     ap = evaluate_detector(reference.detect_arrays, spec["images"], gt, limit=spec.get("limit"),
                            progress=progress).ap
     cached.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ def test_short_bench_run_writes_a_versioned_report(tmp_path, wider_images, wider
     record = json.loads((tmp_path / "bench.json").read_text())
     assert record["schema"] == SCHEMA and record["schema_version"] == SCHEMA_VERSION
     assert record["device"]["cores"] >= 1 and record["device"]["libraries"]["torch"]
-    assert record["settings"] == {"threads": 2, "warmup": 1, "iters": 3, "sizes": ["vga"], "limit": 4}
+    assert record["settings"] == {"threads": 2, "cpus": None, "warmup": 1, "iters": 3, "sizes": ["vga"], "limit": 4,
+                                  "baseline": None}
     (result,) = record["results"]
     assert result["status"] == "ok" and result["target"] == "torch" and result["runtime"]["runtime"] == "torch"
     (vga,) = result["latency"]
@@ -69,16 +70,16 @@ def test_merge_joins_devices_into_one_table(tmp_path, capsys):
 
 
 def test_merge_refuses_other_files(tmp_path):
-    from edgeface.benchmarks.report import merge
+    from edgeface.benchmarks.report import load_report
 
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"schema": "something.else"}))
     with pytest.raises(EdgefaceError, match="not an edgeface bench report"):
-        merge([other])
+        load_report(other)
     future = tmp_path / "future.json"
     future.write_text(json.dumps({**_record("x", []), "schema_version": 99}))
     with pytest.raises(EdgefaceError, match="schema version 99"):
-        merge([future])
+        load_report(future)
 
 
 def test_bench_all_exports_and_benches_every_local_target(tmp_path, wider_images, wider_gt, capsys):

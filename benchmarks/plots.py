@@ -1,0 +1,164 @@
+"""Figures of bench reports: latency against WIDER FACE hard AP, precision-recall curves and latency against image
+size for one device, and p50 latency of every artifact across devices for merged reports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgeface.errors import EdgefaceError
+from edgeface.runtimes.base import require
+
+SUBSETS = ("easy", "medium", "hard")
+
+
+def _matplotlib() -> tuple[Any, Any]:
+    """``(Figure, ticker)``, imported only when a plot is drawn: matplotlib is an optional extra."""
+    require("matplotlib", "bench", "drawing bench plots")
+    from matplotlib import ticker
+    from matplotlib.figure import Figure  # object API: no pyplot global state, no display needed
+
+    return Figure, ticker
+
+
+def _measured(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Results with latency; failed or export-only results carry none."""
+    return [r for r in record.get("results") or [] if r.get("status") == "ok" and r.get("latency")]
+
+
+def _style(result: dict[str, Any], index: int) -> dict[str, Any]:
+    """Same colour for an artifact in every figure; the outside reference stands apart in black and dashed."""
+    if result.get("reference"):
+        return {"color": "black", "linestyle": "--", "marker": "s", "label": f"{result['name']} (reference)"}
+    return {"color": f"C{index % 10}", "linestyle": "-", "marker": "o", "label": result["name"]}
+
+
+def _device_label(device: dict[str, Any]) -> str:
+    name = device.get("board") or device.get("hostname") or "unknown device"
+    return f"{name} ({device['cpu']})" if device.get("cpu") else name
+
+
+def _first_size_label(results: Sequence[dict[str, Any]]) -> str:
+    """Which size the latency was measured at, e.g. ``vga 480x640``; artifacts may differ."""
+    sizes = dict.fromkeys(_size_label(r["latency"][0]) for r in results)
+    return ", ".join(sizes)
+
+
+def _size_label(record: dict[str, Any]) -> str:
+    hw = record.get("image") or record.get("input")
+    return f"{record['size']} {hw[1]}x{hw[0]}" if hw else record["size"]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write through a temporary file in the same folder so no half-written PNG is ever left under ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same filesystem, so os.replace is atomic
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def plot_report(record: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """Write latency_vs_ap.png, pr_curves.png and latency_vs_size.png into ``out_dir``; a figure with nothing to
+    draw (no accuracy, no latency) is skipped. Returns the paths written."""
+    Figure, ticker = _matplotlib()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    measured = _measured(record)
+    styles = {r["name"]: _style(r, i) for i, r in enumerate(measured)}
+    device = _device_label(record.get("device") or {})
+    written = []
+
+    with_ap = [r for r in measured if ((r.get("accuracy") or {}).get("ap") or {}).get("hard") is not None]
+    if with_ap:
+        fig = Figure(figsize=(7.5, 5.5), layout="constrained")
+        ax = fig.add_subplot()
+        for r in with_ap:
+            style = styles[r["name"]]
+            x, y = r["latency"][0]["total_ms"]["p50"], r["accuracy"]["ap"]["hard"]
+            ax.plot([x], [y], linestyle="none", marker=style["marker"], color=style["color"], markersize=8)
+            ax.annotate(style["label"], (x, y), xytext=(6, 6), textcoords="offset points", fontsize=9)
+        ax.set_xlabel(f"p50 end-to-end latency at {_first_size_label(with_ap)} (ms)")
+        ax.set_ylabel("WIDER FACE hard AP")
+        ax.set_title(f"Accuracy vs latency on {device}")
+        ax.margins(0.25)  # room for the point labels
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, out_dir / "latency_vs_ap.png"))
+
+    with_curves = [r for r in measured if (r.get("accuracy") or {}).get("pr_curves")]
+    if with_curves:
+        fig = Figure(figsize=(15, 5), layout="constrained")
+        for ax, subset in zip(fig.subplots(1, len(SUBSETS), sharey=True), SUBSETS):
+            for r in with_curves:
+                curve = r["accuracy"]["pr_curves"].get(subset)
+                if not curve:
+                    continue
+                style = styles[r["name"]]
+                label = f"{style['label']} (AP {r['accuracy']['ap'][subset]:.3f})"
+                ax.plot([p[1] for p in curve], [p[0] for p in curve], **dict(style, marker=None, label=label))
+            ax.set(title=f"WIDER FACE {subset}", xlabel="recall", xlim=(0, 1), ylim=(0, 1.02))
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower left", fontsize=8)
+        fig.axes[0].set_ylabel("precision")
+        fig.suptitle(f"Precision-recall on {device}")
+        written.append(_save(fig, out_dir / "pr_curves.png"))
+
+    if measured:
+        fig = Figure(figsize=(7.5, 5.5), layout="constrained")
+        ax = fig.add_subplot()
+        sizes: dict[float, str] = {}
+        for r in measured:
+            # The camera frame's size: a fixed-input model resizes every frame to the same input.
+            megapixels = [m["image"][0] * m["image"][1] / 1e6 for m in r["latency"]]
+            sizes.update(zip(megapixels, (m["size"] for m in r["latency"])))
+            ax.plot(megapixels, [m["total_ms"]["p50"] for m in r["latency"]], **styles[r["name"]])
+        ax.set(xscale="log", yscale="log", xlabel="image size (megapixels)", ylabel="p50 end-to-end latency (ms)",
+               title=f"Latency vs image size on {device}")
+        # Log axes label only powers of ten by default; name the measured sizes and plain ms values instead.
+        ax.set_xticks(list(sizes), [f"{name}\n{mp:.2f} MP" for mp, name in sizes.items()])
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=9)
+        written.append(_save(fig, out_dir / "latency_vs_size.png"))
+    return written
+
+
+def plot_merged(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """One horizontal grouped bar chart: p50 latency at the first measured size of every artifact, per device."""
+    Figure, _ = _matplotlib()
+    devices = [(_device_label(rec.get("device") or {}), _measured(rec)) for rec in records]
+    devices = [(label, measured) for label, measured in devices if measured]
+    if not devices:
+        raise EdgefaceError("no bench report has a measured latency to plot (every result failed or was only "
+                            "exported); run edgeface bench on a device first")
+    artifacts = {r["name"]: r for _, measured in devices for r in measured}  # union, in order of appearance
+    styles = {name: _style(r, i) for i, (name, r) in enumerate(artifacts.items())}
+    height = 0.8 / len(artifacts)
+    fig = Figure(figsize=(9, 1.2 + 0.35 * len(artifacts) * len(devices) + 0.4 * len(devices)), layout="constrained")
+    ax = fig.add_subplot()
+    for a, name in enumerate(artifacts):
+        # Top to bottom in reading order: device 0 first, its artifacts in the order they appear.
+        rows = [(d, r) for d, (_, measured) in enumerate(devices) for r in measured if r["name"] == name]
+        y = [-(d + (a + 0.5) * height - 0.4) for d, _ in rows]
+        reference = bool(artifacts[name].get("reference"))  # hatched as well, as black alone reads like a shadow
+        bars = ax.barh(y, [r["latency"][0]["total_ms"]["p50"] for _, r in rows], height=height * 0.9,
+                       color=styles[name]["color"], hatch="//" if reference else None,
+                       edgecolor="white" if reference else None, label=styles[name]["label"])
+        ax.bar_label(bars, fmt="%.1f", padding=3, fontsize=8)
+    ax.set_yticks([-d for d in range(len(devices))], [label for label, _ in devices])
+    ax.set_xlabel(f"p50 end-to-end latency at {_first_size_label([r for _, m in devices for r in m])} (ms)")
+    ax.set_title("Latency per artifact across devices")
+    ax.margins(x=0.12)  # room for the value labels
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never covers a bar
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, path)
