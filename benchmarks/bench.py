@@ -119,6 +119,7 @@ def bench(
         measured = measure_latency(candidates, image, warmup=warmup, iters=iters)
         for records, record, input_hw in zip(latency, measured, inputs):
             records.append({"size": name, "image": [h, w], "input": input_hw, **record})
+    rss_mb = _resident_mb()  # while the model is loaded and warm, before the accuracy run
     accuracy = _accuracy(detector, data, progress) if data else None
     size_bytes = _model_bytes(detector)
     runtime = detector.runtime.describe()
@@ -132,6 +133,8 @@ def bench(
         "model": detector.runtime.source,
         "size_bytes": size_bytes,
         "load_seconds": round(load_seconds, 3),
+        "rss_mb": rss_mb,
+        # The process's high-water mark: with --all it includes the artifacts benched before this one.
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "latency": latency[0],
         "accuracy": accuracy,
@@ -148,6 +151,15 @@ def speedups(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, floa
     """End-to-end p50 latency ratio baseline / artifact at each size."""
     return {a["size"]: round(b["total_ms"]["p50"] / a["total_ms"]["p50"], 3)
             for a, b in zip(result["latency"], baseline["latency"])}
+
+
+def _resident_mb() -> float | None:
+    """Resident memory of this process now (Linux), in MB."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return round(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _input_hw(detector, image_hw: tuple[int, int]) -> list[int]:

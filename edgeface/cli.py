@@ -249,8 +249,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for size, ratio in (first.get("speedup_vs_baseline") or {}).items():
         print(f"{size}: {ratio:.2f}x faster end to end than {results[1]['name']} (p50, same image, same cores, "
               "run by run)")
-    print(f"load {first['load_seconds']} s, peak RSS {first['peak_rss_mb']} MB; report in {out}: "
-          + ", ".join(written))
+    print(f"load {first['load_seconds']} s, resident {first['rss_mb']} MB (peak {first['peak_rss_mb']} MB); "
+          f"report in {out}: " + ", ".join(written))
     return 0
 
 

@@ -1,5 +1,6 @@
 """A short `edgeface bench` run: the JSON record a device lab collects."""
 
+import importlib.util
 import json
 
 import pytest
@@ -30,12 +31,17 @@ def test_short_bench_run_writes_a_versioned_report(tmp_path, wider_images, wider
     assert vga["image"] == [480, 640] and vga["input"] == [480, 640]
     for stage in ("pre_ms", "infer_ms", "post_ms", "total_ms"):
         assert 0 < vga[stage]["p50"] <= vga[stage]["p90"] <= vga[stage]["p99"]
-    assert vga["fps"] > 0 and result["load_seconds"] > 0 and result["peak_rss_mb"] > 0
+    assert vga["fps"] > 0 and result["load_seconds"] > 0 and 0 < result["rss_mb"] <= result["peak_rss_mb"]
     accuracy = result["accuracy"]
     assert accuracy["num_images"] == 4 and set(accuracy["ap"]) == {"easy", "medium", "hard"}
     assert accuracy["delta_ap"] == {"easy": 0.0, "medium": 0.0, "hard": 0.0}  # torch against itself
     assert len(accuracy["pr_curves"]["hard"]) == 1000
+    agreement = accuracy["vs_fp32_torch"]  # torch against itself: every face, no landmark error
+    assert agreement["detection_agreement"] == 1.0 and agreement["landmark_error"] == 0.0
     assert "vga 640x480: total p50" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib"):
+        for name in ("latency_vs_ap.png", "pr_curves.png", "latency_vs_size.png"):
+            assert (tmp_path / name).stat().st_size > 10_000, name
 
 
 def _record(hostname, results):
@@ -67,6 +73,9 @@ def test_merge_joins_devices_into_one_table(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "lab" / "lab.csv").open()))
     assert [(r["device"], r["p50_ms"], r["ap_hard"]) for r in rows] == [("pi-a", "95.0", "0.5162"),
                                                                       ("pi-b", "101.5", "0.5162")]
+    if importlib.util.find_spec("matplotlib"):  # the cross-device plot beside the table
+        assert (tmp_path / "lab" / "lab.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "lab.png" in capsys.readouterr().out
 
 
 def test_merge_refuses_other_files(tmp_path):
