@@ -125,7 +125,7 @@ def bench(
     runtime = detector.runtime.describe()
     detector.close()
     results = [{
-        "name": f"{manifest.target}-{manifest.precision}-{manifest.preprocessing['resize'].replace(':', '')}",
+        "name": artifact_name(manifest),
         "status": "ok",
         "target": manifest.target,
         "precision": manifest.precision,
@@ -145,6 +145,15 @@ def bench(
                         "size_bytes": baseline.size_bytes, "latency": latency[1], "accuracy": None})
         results[0]["speedup_vs_baseline"] = speedups(results[0], results[1])
     return results
+
+
+def artifact_name(manifest) -> str:
+    """``onnx-int8-dynamic``, ``tflite-int8-640x640``, ``torch-fp32-dynamic``: target, precision, input."""
+    if manifest.dynamic and ("height" in manifest.dynamic or "width" in manifest.dynamic):
+        shape = "dynamic"
+    else:
+        shape = manifest.preprocessing["resize"].replace("fixed:", "").replace(":", "")
+    return f"{manifest.target}-{manifest.precision}-{shape}"
 
 
 def speedups(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:

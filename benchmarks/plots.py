@@ -138,24 +138,31 @@ def plot_merged(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> P
     Figure, _ = _matplotlib()
     devices = [(_device_label(rec.get("device") or {}), _measured(rec)) for rec in records]
     devices = [(label, measured) for label, measured in devices if measured]
+    if len({label for label, _ in devices}) < len(devices):  # several reports of one device: number them
+        devices = [(f"{label} #{i + 1}", measured) for i, (label, measured) in enumerate(devices)]
     if not devices:
         raise EdgefaceError("no bench report has a measured latency to plot (every result failed or was only "
                             "exported); run edgeface bench on a device first")
     artifacts = {r["name"]: r for _, measured in devices for r in measured}  # union, in order of appearance
     styles = {name: _style(r, i) for i, (name, r) in enumerate(artifacts.items())}
-    height = 0.8 / len(artifacts)
-    fig = Figure(figsize=(9, 1.2 + 0.35 * len(artifacts) * len(devices) + 0.4 * len(devices)), layout="constrained")
+    bars_total = sum(len(measured) for _, measured in devices)
+    fig = Figure(figsize=(9, 1.5 + 0.3 * (bars_total + len(devices))), layout="constrained")
     ax = fig.add_subplot()
-    for a, name in enumerate(artifacts):
-        # Top to bottom in reading order: device 0 first, its artifacts in the order they appear.
-        rows = [(d, r) for d, (_, measured) in enumerate(devices) for r in measured if r["name"] == name]
-        y = [-(d + (a + 0.5) * height - 0.4) for d, _ in rows]
-        reference = bool(artifacts[name].get("reference"))  # hatched as well, as black alone reads like a shadow
-        bars = ax.barh(y, [r["latency"][0]["total_ms"]["p50"] for _, r in rows], height=height * 0.9,
-                       color=styles[name]["color"], hatch="//" if reference else None,
-                       edgecolor="white" if reference else None, label=styles[name]["label"])
-        ax.bar_label(bars, fmt="%.1f", padding=3, fontsize=8)
-    ax.set_yticks([-d for d in range(len(devices))], [label for label, _ in devices])
+    # Top to bottom in reading order: each device's own artifacts, one bar each, a blank row between devices.
+    y, ticks, labels, seen = 0.0, [], [], set()
+    for label, measured in devices:
+        group = [y - i for i in range(len(measured))]
+        for row, r in zip(group, measured):
+            style, reference = styles[r["name"]], bool(r.get("reference"))  # hatched: black alone reads as shadow
+            bars = ax.barh([row], [r["latency"][0]["total_ms"]["p50"]], height=0.85, color=style["color"],
+                           hatch="//" if reference else None, edgecolor="white" if reference else None,
+                           label=None if r["name"] in seen else style["label"])
+            ax.bar_label(bars, fmt="%.1f", padding=3, fontsize=8)
+            seen.add(r["name"])
+        ticks.append(sum(group) / len(group))
+        labels.append(label)
+        y -= len(measured) + 1
+    ax.set_yticks(ticks, labels)
     ax.set_xlabel(f"p50 end-to-end latency at {_first_size_label([r for _, m in devices for r in m])} (ms)")
     ax.set_title("Latency per artifact across devices")
     ax.margins(x=0.12)  # room for the value labels

