@@ -198,7 +198,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from edgeface.export.pipeline import default_image_dir
 
     if args.board:
-        _apply_board(args, runtime=args.board.runtime if args.model else None, threads=args.board.threads or None)
+        board_size = "x".join(map(str, args.board.imgsz)) if args.board.imgsz else None
+        _apply_board(args, runtime=args.board.runtime if args.model else None, threads=args.board.threads or None,
+                     sizes=board_size)
+    args.sizes = args.sizes or "vga,hd,4k"
     if args.all and args.baseline:
         raise EdgefaceError("--baseline times one artifact side by side with the baseline: give --model, not --all")
     cpus = _pin_cpus(args.cpus) if args.cpus else None
@@ -461,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--board", type=_board, help="a board profile: its runtime and threads")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument("--iters", type=int, default=50, help="timed runs per size (default 50)")
-    p.add_argument("--sizes", default="vga,hd,4k", help="vga, hd, 4k or HxW, comma-separated")
+    p.add_argument("--sizes", help="vga, hd, 4k or HxW, comma-separated (default vga,hd,4k; with --board, its "
+                                    "input size)")
     p.add_argument("--out", default="reports", help="folder for bench.json (default reports)")
     p.add_argument("--all", action="store_true", help="export every target x precision and bench each")
     p.add_argument("--calib", help="--all: INT8 calibration images (default ../shared WIDER images)")

@@ -66,3 +66,14 @@ def test_board_sets_run_runtime_and_threads(tmp_path, astronaut_path, capsys):
                  "--source", str(astronaut_path), "--json"]) == 0
     captured = capsys.readouterr()
     assert "onnx/fp32 (onnxruntime)" in captured.err and len(json.loads(captured.out)["faces"]) == 1
+    capsys.readouterr()
+
+    # bench: the board's runtime, threads and input size (as the camera frame size) unless given
+    board = get_board("x86-avx2-laptop")
+    assert main(["bench", "--board", board.name, "--model", str(tmp_path / "x86"), "--warmup", "1", "--iters", "2",
+                 "--limit", "2", "--out", str(tmp_path / "report")]) == 0
+    record = json.loads((tmp_path / "report" / "bench.json").read_text())
+    size = "x".join(map(str, board.imgsz)) if board.imgsz else None
+    assert record["device"]["board"] == board.name and record["settings"]["threads"] == board.threads
+    assert record["settings"]["sizes"] == ([size] if size else ["vga", "hd", "4k"])
+    assert record["results"][0]["runtime"]["runtime"] == board.runtime
