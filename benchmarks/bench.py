@@ -134,8 +134,9 @@ def bench(
         "size_bytes": size_bytes,
         "load_seconds": round(load_seconds, 3),
         "rss_mb": rss_mb,
-        # The process's high-water mark: with --all it includes the artifacts benched before this one.
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # The process's high-water mark: with --all it includes the artifacts benched before this one. (The
+        # kernel updates it lazily, so it can trail the resident figure read a moment earlier.)
+        "peak_rss_mb": max(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), rss_mb or 0.0),
         "latency": latency[0],
         "accuracy": accuracy,
     }]
