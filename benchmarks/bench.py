@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -136,7 +137,7 @@ def bench(
         "rss_mb": rss_mb,
         # The process's high-water mark: with --all it includes the artifacts benched before this one. (The
         # kernel updates it lazily, so it can trail the resident figure read a moment earlier.)
-        "peak_rss_mb": max(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), rss_mb or 0.0),
+        "peak_rss_mb": max(_peak_mb(), rss_mb or 0.0),
         "latency": latency[0],
         "accuracy": accuracy,
     }]
@@ -161,6 +162,12 @@ def speedups(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, floa
     """End-to-end p50 latency ratio baseline / artifact at each size."""
     return {a["size"]: round(b["total_ms"]["p50"] / a["total_ms"]["p50"], 3)
             for a, b in zip(result["latency"], baseline["latency"])}
+
+
+def _peak_mb() -> float:
+    """The process's peak resident memory in MB (getrusage counts KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def _resident_mb() -> float | None:
