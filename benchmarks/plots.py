@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeface.errors import EdgefaceError
+from edgeface.files import atomic_write
 from edgeface.runtimes.base import require
 
 SUBSETS = ("easy", "medium", "hard")
@@ -52,15 +53,7 @@ def _size_label(record: dict[str, Any]) -> str:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    """Write through a temporary file in the same folder so no half-written PNG is ever left under ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same filesystem, so os.replace is atomic
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def plot_report(record: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from edgeface.benchmarks.bench import SCHEMA, SCHEMA_VERSION
 from edgeface.errors import EdgefaceError
+from edgeface.files import atomic_write
 
 COLUMNS = ("device", "board", "artifact", "target", "precision", "runtime", "size_mb", "ap_easy", "ap_medium",
            "ap_hard", "delta_hard", "latency_size", "p50_ms", "infer_p50_ms", "fps", "status", "reason")
@@ -77,8 +78,6 @@ def to_csv(table: Sequence[dict[str, Any]]) -> str:
 def write_tables(table: Sequence[dict[str, Any]], markdown_path: str | os.PathLike) -> tuple[Path, Path]:
     """``X.md`` and ``X.csv`` side by side."""
     markdown_path = Path(markdown_path)
-    markdown_path.parent.mkdir(parents=True, exist_ok=True)
-    markdown_path.write_text(to_markdown(table))
-    csv_path = markdown_path.with_suffix(".csv")
-    csv_path.write_text(to_csv(table))
+    atomic_write(markdown_path, lambda tmp: tmp.write_text(to_markdown(table)))
+    csv_path = atomic_write(markdown_path.with_suffix(".csv"), lambda tmp: tmp.write_text(to_csv(table)))
     return markdown_path, csv_path

