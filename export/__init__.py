@@ -57,8 +57,17 @@ def resolve_precision(target: str, precision: str | None) -> str:
 
 
 def get_converter(target: str) -> Callable:
+    """The target's ``convert(model, out_dir, request)``, run without its libraries' console output
+    (:func:`edgeface.export.base.quiet`); the export pipeline reports progress itself."""
     module, func = _CONVERTERS[resolve_target(target)].split(":")
-    return getattr(importlib.import_module(module), func)
+
+    def convert(model, out_dir, request):
+        from edgeface.export.base import quiet
+
+        with quiet(f"{request.target} {request.precision} conversion"):
+            return getattr(importlib.import_module(module), func)(model, out_dir, request)
+
+    return convert
 
 
 __all__ = ["ALIASES", "CALIBRATED_INT8", "PRECISIONS", "get_converter", "list_targets", "resolve_precision", "resolve_target"]

@@ -5,11 +5,22 @@ atomic publication)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
+import os
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgeface.errors import EdgefaceError
 
 
 @dataclass(frozen=True)
@@ -59,3 +70,88 @@ def library_versions(*names: str) -> dict[str, str]:
     return out
 
 
+# Loggers of the converters' libraries (and the root logger, where onnxruntime's quantizer logs), set to ERROR
+# during a conversion.
+CONVERTER_LOGGERS = ("", "absl", "tensorflow", "jax", "torch", "torchao", "onnx", "onnxruntime", "onnxscript",
+                     "coremltools", "litert_torch", "ai_edge_litert", "ai_edge_quantizer")
+_quiet_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet(what: str) -> Iterator[None]:
+    """Run a conversion without its libraries' console output: deprecation warnings are ignored, the libraries'
+    loggers are set to ERROR, and everything written to stdout / stderr meanwhile, by Python (progress bars,
+    warnings) or by native code on file descriptors 1 and 2 (TensorFlow / LiteRT / absl / oneDNN logs), goes to a
+    temporary file. It is thrown away when the conversion succeeds; when it fails, it is kept as a log file and
+    the error (always an :class:`EdgefaceError`, one line) names it. ``what`` names the artifact in that error
+    ("tflite fp32 conversion").
+
+    File descriptors are per process: output of other threads during the conversion is captured too. Nested or
+    concurrent scopes run inside the first one's capture."""
+    if not _quiet_lock.acquire(blocking=False):
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as log, warnings.catch_warnings():
+            for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+                warnings.simplefilter("ignore", category)
+            levels = {name: logging.getLogger(name).level for name in CONVERTER_LOGGERS}
+            for name in CONVERTER_LOGGERS:
+                logging.getLogger(name).setLevel(logging.ERROR)
+            try:
+                with _captured(log):
+                    yield
+            except Exception as exc:
+                raise _with_log(exc, what, log) from (None if isinstance(exc, EdgefaceError) else exc)
+            finally:
+                for name, level in levels.items():
+                    logging.getLogger(name).setLevel(level)
+    finally:
+        _quiet_lock.release()
+
+
+@contextlib.contextmanager
+def _captured(log) -> Iterator[None]:
+    """stdout / stderr, Python's objects and file descriptors 1 and 2, into the file ``log``."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved: list[tuple[int, int]] = []
+    try:
+        for fd in (1, 2):
+            saved.append((fd, os.dup(fd)))
+            os.dup2(log.fileno(), fd)
+    except OSError:  # no such descriptor (a daemon): Python-level capture only
+        pass
+    text = open(os.dup(log.fileno()), "w", encoding="utf-8", errors="replace", buffering=1)  # noqa: SIM115
+    try:
+        with text, contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            yield
+    finally:
+        _flush_c_stdio()  # native output still in C's buffers belongs to the log, not to the terminal later
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def _flush_c_stdio() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)
+
+
+def _with_log(exc: Exception, what: str, log) -> EdgefaceError:
+    """The conversion's error as one line, naming a file that keeps what the libraries printed."""
+    log.flush()
+    log.seek(0)
+    output = log.read()
+    where = ""
+    if output.strip():
+        fd, path = tempfile.mkstemp(prefix="edgeface-export-", suffix=".log")
+        with os.fdopen(fd, "wb") as kept:
+            kept.write(output)
+        where = f" (the converters' output: {path})"
+    if isinstance(exc, EdgefaceError):
+        return EdgefaceError(f"{exc}{where}")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return EdgefaceError(f"the {what} failed ({detail}){where}")

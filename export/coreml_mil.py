@@ -291,6 +291,8 @@ class MILProgramRuntime(Runtime):
     :class:`~edgeface.runtimes.coreml.CoreMLRuntime` takes: the shared pre-processing's output for the manifest."""
 
     name = "coreml-mil"
+    targets = ("coreml",)
+    concurrent = False  # single_thread() changes torch's global thread count for the duration of a call
 
     def __init__(self, manifest: Manifest, package: str | Path) -> None:
         super().__init__(manifest, source=str(package))
@@ -305,7 +307,8 @@ class MILProgramRuntime(Runtime):
         outs: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUTS}
         for item in batch:  # batch 1 programs
             # An image input reaches the program as float (1, 3, H, W) in its colour layout (BGR), 0-255.
-            result = self.interpreter.run({self.input_name: np.asarray(item[None], np.float32)})
+            with self.lock:
+                result = self.interpreter.run({self.input_name: np.asarray(item[None], np.float32)})
             for name in OUTPUTS:
                 outs[name].append(np.asarray(result[name], np.float32))
         return {name: np.concatenate(parts) for name, parts in outs.items()}

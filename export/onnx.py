@@ -5,7 +5,6 @@ weights) calibrated on real images."""
 from __future__ import annotations
 
 import io
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -123,28 +122,22 @@ def to_int8(proto: onnx.ModelProto, calibration: tuple[np.ndarray, ...], *, meth
     extra = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
-    root_logger = logging.getLogger()
-    level = root_logger.level
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         onnx.save(proto, src)
-        # onnxruntime logs a generic "consider pre-processing" advice on the root logger; that pre-processing
-        # (quant_pre_process) fails on dynamic-shape models and is not required.
-        root_logger.setLevel(logging.ERROR)
-        try:
-            quantization.quantize_static(
-                str(src), str(dst), _Reader(calibration),
-                quant_format=quantization.QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=(quantization.QuantType.QInt8 if symmetric_activations
-                                 else quantization.QuantType.QUInt8),
-                weight_type=quantization.QuantType.QInt8,
-                calibrate_method=methods[method],
-                nodes_to_exclude=exclude,
-                extra_options=extra,
-            )
-        finally:
-            root_logger.setLevel(level)
+        # Its log chatter (a generic "consider pre-processing" advice on the root logger, which does not apply to
+        # dynamic-shape models) is silenced with every converter's (edgeface.export.base.quiet).
+        quantization.quantize_static(
+            str(src), str(dst), _Reader(calibration),
+            quant_format=quantization.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=(quantization.QuantType.QInt8 if symmetric_activations
+                             else quantization.QuantType.QUInt8),
+            weight_type=quantization.QuantType.QInt8,
+            calibrate_method=methods[method],
+            nodes_to_exclude=exclude,
+            extra_options=extra,
+        )
         quantized = onnx.load(dst)
     info = {"method": method, "images": len(calibration), "format": "QDQ", "weights": "int8 per-channel symmetric",
             "activations": "int8 symmetric" if symmetric_activations else "uint8 asymmetric",

@@ -105,12 +105,12 @@ def build_engine(bundle_dir: str | Path, *, workspace_mb: int | None = None, ver
     from edgeface.bundle import load_bundle, write_manifest
     from edgeface.runtimes.base import require
 
-    trt = require("tensorrt", "tensorrt", "Building a TensorRT engine")
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
-    if manifest.target != "tensorrt":
-        raise EdgefaceError(f"{bundle_dir} is a {manifest.target} bundle; build-engine takes a tensorrt (jetson) "
-                            "bundle from `edgeface export --target jetson`")
+    if manifest.target != "tensorrt":  # before asking for TensorRT: no TensorRT would build this bundle
+        raise EdgefaceError(f"bundle {bundle.path} is a {manifest.target} bundle; build-engine takes a tensorrt "
+                            "bundle (`edgeface export --target jetson`)")
+    trt = require("tensorrt", "tensorrt", "Building a TensorRT engine")
     settings = manifest.target_info["build"]
     log = (lambda m: print(f"edgeface build-engine: {m}", file=sys.stderr)) if progress else (lambda m: None)
     started = time.perf_counter()

@@ -33,9 +33,7 @@ scrambled-output failure of other converters) fails the export.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import os
 import re
 import time
@@ -127,27 +125,12 @@ def module_regex(path: str) -> str:
     return ".*" + "[^/;]*".join(parts) + ".*"
 
 
-@contextlib.contextmanager
-def _quiet_litert_torch():
-    """litert-torch prints a progress tree per conversion step; the pipeline reports progress itself."""
-    key = "LITERT_TORCH_SHOW_PROGRESS"
-    before = os.environ.get(key)
-    os.environ[key] = "n"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
-
-
 def to_tflite(network: nn.Module, input_hw: tuple[int, int]) -> bytes:
     """torch (NCHW) -> float32 TFLite flatbuffer with one NHWC input named ``input``."""
     litert_torch = require("litert_torch", "tflite", "TFLite export")
     h, w = input_hw
     sample = {INPUT_NAME: torch.zeros(1, h, w, 3)}
-    with _quiet_litert_torch(), torch.no_grad():
+    with torch.no_grad():
         edge_model = litert_torch.convert(_NHWCInput(network).eval(), sample_kwargs=sample)
         return bytes(edge_model.model_content())
 
@@ -165,8 +148,7 @@ def to_fp16(float_model: bytes) -> tuple[bytes, dict[str, Any]]:
     q = quantizer.Quantizer(float_model)
     q.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
                              algorithm_key=algorithms.FLOAT_CASTING)
-    with contextlib.redirect_stderr(io.StringIO()):  # per-op progress bars; the pipeline reports progress
-        result = q.quantize(enable_progress_report=False)
+    result = q.quantize(enable_progress_report=False)
     return bytes(result.quantized_model), {"tool": "ai_edge_quantizer", "algorithm": "float_casting",
                                            "weights": "float16", "compute": "float32", "io": "float32"}
 
@@ -214,12 +196,12 @@ def to_int8(float_model: bytes, calibration: tuple[np.ndarray, ...], *, int8_io:
             q.update_quantization_recipe(regex=".*", operation_name=op, algorithm_key=algorithms.NO_QUANTIZE)
     samples = [{INPUT_NAME: np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)} for x in calibration]
     started = time.perf_counter()
-    # The calibrator keeps every tensor on purpose (LiteRT warns about that) and draws per-op progress bars on
-    # stderr; the pipeline reports progress itself.
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+    # The calibrator keeps every tensor on purpose (LiteRT warns about that); its per-op progress bars are
+    # silenced with every converter's output (edgeface.export.base.quiet).
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
         ranges = q.calibrate({SIGNATURE: samples}, num_threads=min(16, os.cpu_count() or 1))
-        content = bytes(q.quantize(ranges, enable_progress_report=False).quantized_model)
+    content = bytes(q.quantize(ranges, enable_progress_report=False).quantized_model)
     return content, {
         "tool": "ai_edge_quantizer", "recipe": INT8_RECIPE, "method": "minmax",
         "ranges": "moving average (0.95) of per-image min/max (ai-edge-quantizer default)",
@@ -302,6 +284,7 @@ def map_outputs(model_content: bytes, model, request: ExportRequest, *, strict: 
         for d in outputs:
             values[int(d["index"])].append(dequantize(interpreter.get_tensor(d["index"]), _quantization(d)))
     stacked = {k: np.concatenate(v) for k, v in values.items()}
+    signature, signature_keys = _signature_keys(interpreter)
     levels = _level_slices(model, request.input_hw)
     tolerance = MAPPING_TOLERANCE[request.precision]
     mapping: dict[str, Any] = {}
@@ -329,7 +312,8 @@ def map_outputs(model_content: bytes, model, request: ExportRequest, *, strict: 
                 "nothing was written")
         used.add(int(detail["index"]))
         mapping[name] = {"index": int(detail["index"]), "name": detail["name"], "dtype": _dtype(detail),
-                         "shape": [int(s) for s in detail["shape"]], "quantization": _quantization(detail)}
+                         "shape": [int(s) for s in detail["shape"]], "quantization": _quantization(detail),
+                         "position": outputs.index(detail), "signature_key": signature_keys.get(int(detail["index"]))}
         report[name] = {"error_by_stride": {str(k): float(f"{v:.3g}") for k, v in per_level.items()},
                         "max_abs_diff": float(f"{np.abs(stacked[int(detail['index'])] - ref).max():.3g}")}
     worst = max(max(r["error_by_stride"].values()) for r in report.values())
@@ -337,8 +321,22 @@ def map_outputs(model_content: bytes, model, request: ExportRequest, *, strict: 
              "metric": "per anchor level RMS difference / reference spread", "tolerance": tolerance,
              "outputs": report}
     input_tensor = {"index": int(inp["index"]), "name": inp["name"], "dtype": _dtype(inp),
-                    "shape": [int(s) for s in inp["shape"]], "quantization": input_q}
-    return {"input_tensor": input_tensor, "output_tensors": mapping}, check
+                    "shape": [int(s) for s in inp["shape"]], "quantization": input_q, "position": 0,
+                    "signature_key": signature_keys.get(int(inp["index"]))}
+    return {"input_tensor": input_tensor, "output_tensors": mapping, "signature": signature}, check
+
+
+def _signature_keys(interpreter) -> tuple[str | None, dict[int, str]]:
+    """The model's first signature and its input/output keys by tensor index: Android's ``runSignature`` binds
+    tensors by these keys (docs/bundle.md)."""
+    signatures = interpreter.get_signature_list()
+    if not signatures:
+        return None, {}
+    name = next(iter(signatures))
+    runner = interpreter.get_signature_runner(name)
+    keys = {int(d["index"]): key for key, d in runner.get_output_details().items()}
+    keys.update({int(d["index"]): key for key, d in runner.get_input_details().items()})
+    return name, keys
 
 
 def _dtype(detail: dict[str, Any]) -> str:

@@ -36,6 +36,21 @@ def get_runtime_class(name: str) -> type[Runtime]:
     return getattr(importlib.import_module(module), cls)
 
 
+def runtimes_for(target: str) -> list[str]:
+    """The runtimes that run bundles of ``target``, by their declared ``targets``."""
+    return [name for name in _RUNTIMES if target in get_runtime_class(name).targets]
+
+
+def check_runs(runtime: str, bundle) -> None:
+    """Refuse a runtime that does not run this bundle's target, before it loads anything (an onnxruntime session
+    on a .tflite file only says "InvalidProtobuf")."""
+    target = bundle.manifest.target
+    if target not in get_runtime_class(runtime).targets:
+        others = runtimes_for(target)
+        raise EdgefaceError(f"bundle {bundle.path} is a {target} bundle; runtimes that run it: "
+                            f"{', '.join(others) or 'none'}")
+
+
 def open_runtime(runtime: str | None = None, *, model: str | os.PathLike | None = None, **options: Any) -> Runtime:
     """Open ``model`` (a bundle directory) with ``runtime`` (default: the one for the bundle's target); without
     a bundle, the torch runtime on ``weights=...``."""
@@ -43,8 +58,12 @@ def open_runtime(runtime: str | None = None, *, model: str | os.PathLike | None 
     if runtime is None:
         runtime = DEFAULT_FOR_TARGET[bundle.manifest.target] if bundle else "torch"
     if bundle is None and runtime != "torch":
+        get_runtime_class(runtime)  # an unknown name first
         raise EdgefaceError(f"the {runtime} runtime needs a bundle (--model DIR made by `edgeface export`)")
+    if bundle is not None:
+        check_runs(runtime, bundle)
     return get_runtime_class(runtime).open(bundle, **options)
 
 
-__all__ = ["Runtime", "list_runtimes", "get_runtime_class", "open_runtime", "DEFAULT_FOR_TARGET"]
+__all__ = ["Runtime", "list_runtimes", "get_runtime_class", "open_runtime", "runtimes_for", "check_runs",
+           "DEFAULT_FOR_TARGET"]

@@ -4,6 +4,7 @@ Pre- and post-processing stay in :mod:`edgeface.processing`, shared by all."""
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -17,13 +18,27 @@ OUTPUTS = ("loc", "conf", "landmarks")
 
 
 class Runtime(ABC):
-    """Subclasses set ``name`` and implement :meth:`open` and :meth:`infer`."""
+    """Subclasses set ``name``, ``targets`` and ``concurrent`` and implement :meth:`open` and :meth:`infer`.
+
+    Threads: one runtime (and the :class:`~edgeface.detector.Detector` holding it) may be shared by any number of
+    threads; :meth:`infer` is safe to call from all of them at once. Backends whose inference state is not
+    reentrant (``concurrent = False``: tflite's interpreter, TensorRT's execution context, Core ML's model) run
+    one call at a time under :attr:`lock` and the others wait; ``concurrent = True`` backends (onnxruntime's
+    session, torch in inference mode) run the calls in parallel. For parallel throughput on a serialising
+    backend, open one runtime per thread.
+    """
 
     name: ClassVar[str]
+    # Bundle targets (manifest ``target``) this runtime runs; :func:`edgeface.runtimes.open_runtime` refuses
+    # any other before loading anything.
+    targets: ClassVar[tuple[str, ...]] = ()
+    # Whether infer() may run in several threads at once; False: calls are serialised under self.lock.
+    concurrent: ClassVar[bool] = True
 
     def __init__(self, manifest: Manifest, *, source: str) -> None:
         self.manifest = manifest
         self.source = source  # bundle path or checkpoint, for reports
+        self.lock = threading.Lock()
 
     @classmethod
     @abstractmethod
@@ -84,6 +99,12 @@ def dequantize(tensor: np.ndarray, quantization: dict[str, float] | None) -> np.
     if quantization is None:
         return tensor.astype(np.float32, copy=False)
     return ((tensor.astype(np.float32) - quantization["zero_point"]) * quantization["scale"]).astype(np.float32)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (backends raise multi-line C++ reports)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def require(module: str, extra: str, purpose: str):

@@ -21,8 +21,8 @@ COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_G
                  # short forms
                  "cpu": "CPU_ONLY", "gpu": "CPU_AND_GPU", "ne": "CPU_AND_NE", "ane": "CPU_AND_NE"}
 NOT_APPLE = ("Core ML runs on Apple platforms only (macOS / iOS), not on {platform}. Run this bundle on a Mac or "
-             "in an iOS app, or export an onnx bundle (`edgeface export onnx`, onnxruntime runtime) or a tflite "
-             "bundle (`edgeface export tflite`) for this machine")
+             "in an iOS app, or export an onnx bundle (`edgeface export --target onnx`, onnxruntime runtime) or a "
+             "tflite bundle (`edgeface export --target tflite`) for this machine")
 
 
 def is_apple() -> bool:
@@ -53,6 +53,8 @@ class CoreMLRuntime(Runtime):
     mean colour. Each batch item is one prediction (Core ML bundles have batch 1)."""
 
     name = "coreml"
+    targets = ("coreml",)
+    concurrent = False  # one MLModel predicts for one caller at a time; calls take turns under self.lock
 
     def __init__(self, bundle: Bundle, *, compute_units: Any = None, device: str | None = None) -> None:
         ct = require("coremltools", "coreml", "Running Core ML bundles")
@@ -76,7 +78,8 @@ class CoreMLRuntime(Runtime):
         if not is_apple():
             raise EdgefaceError(NOT_APPLE.format(platform=sys.platform))
         if bundle is None:
-            raise EdgefaceError("the coreml runtime needs a bundle (--model DIR made by `edgeface export coreml`)")
+            raise EdgefaceError("the coreml runtime needs a bundle (--model DIR made by "
+                                "`edgeface export --target coreml`)")
         return cls(bundle, compute_units=compute_units, device=device)
 
     def _feed(self, item: np.ndarray) -> dict[str, Any]:
@@ -95,7 +98,9 @@ class CoreMLRuntime(Runtime):
             raise EdgefaceError(f"the coreml runtime takes an NCHW batch with 3 channels, got shape {batch.shape}")
         results: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUTS}
         for item in batch:
-            out = self.model.predict(self._feed(item))
+            feed = self._feed(item)
+            with self.lock:
+                out = self.model.predict(feed)
             missing = [name for name in OUTPUTS if name not in out]
             if missing:
                 raise EdgefaceError(f"{self.source}: the Core ML model has no output(s) {missing} "

@@ -8,7 +8,7 @@ import numpy as np
 
 from edgeface.bundle import Bundle
 from edgeface.errors import EdgefaceError
-from edgeface.runtimes.base import OUTPUTS, Runtime
+from edgeface.runtimes.base import OUTPUTS, Runtime, first_line
 
 # In order of preference when the caller does not choose.
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -16,8 +16,14 @@ PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProv
              "cpu": "CPUExecutionProvider"}
 
 
+_ONNX_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
+               "tensor(uint8)": "uint8"}
+
+
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
+    targets = ("onnx", "tensorrt")  # a tensorrt bundle carries its ONNX (the engine is built on the device)
+    concurrent = True  # InferenceSession.run is thread-safe
 
     def __init__(self, bundle: Bundle, *, providers: list[str] | None = None, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -36,8 +42,37 @@ class OnnxRuntime(Runtime):
                                     f"(available: {', '.join(available)})")
         else:
             wanted = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(bundle.file()), options, providers=wanted)
+        try:
+            self.session = ort.InferenceSession(str(bundle.file()), options, providers=wanted)
+        except Exception as exc:  # onnxruntime's InvalidProtobuf, Fail, InvalidGraph, NoSuchFile, ...
+            raise EdgefaceError(f"onnxruntime could not load {bundle.file()}: {first_line(exc)}; the file is "
+                                "damaged or not an ONNX model: re-export the bundle") from None
+        self._check_model()
         self.input_name = self.manifest.input.name
+
+    def _check_model(self) -> None:
+        """The model's own input and outputs against the manifest (names, element types, ranks, static sizes): a
+        manifest that does not describe this model is refused rather than misread."""
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        declared = [("input", self.manifest.input, inputs)]
+        declared += [(f"outputs[{i}]", spec, outputs) for i, spec in enumerate(self.manifest.outputs)]
+        for field, spec, tensors in declared:
+            actual = tensors.get(spec.name)
+            if actual is None or (field == "input" and len(inputs) != 1):
+                raise EdgefaceError(f"bundle {self.source}: manifest field {field}.name is {spec.name!r}, but the "
+                                    f"model's {'inputs' if field == 'input' else 'outputs'} are {sorted(tensors)}; "
+                                    "re-export the bundle")
+            dtype = _ONNX_TYPES.get(actual.type, actual.type)
+            static_mismatch = any(isinstance(want, int) and isinstance(have, int) and want != have
+                                  for want, have in zip(spec.shape, actual.shape))
+            if dtype != spec.dtype:
+                problem = f"dtype {spec.dtype!r}, but the model's is {dtype!r}"
+            elif len(actual.shape) != len(spec.shape) or static_mismatch:
+                problem = f"shape {spec.shape}, but the model's is {actual.shape}"
+            else:
+                continue
+            raise EdgefaceError(f"bundle {self.source}: manifest field {field} has {problem}; re-export the bundle")
 
     @classmethod
     def open(cls, bundle: Bundle | None, *, providers: list[str] | None = None, threads: int | None = None,

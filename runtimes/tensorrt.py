@@ -15,6 +15,10 @@ from edgeface.runtimes.base import OUTPUTS, Runtime, require
 
 class TensorRTRuntime(Runtime):
     name = "tensorrt"
+    targets = ("tensorrt",)
+    # One execution context with its bound buffers and input shape: calls take turns under self.lock (one
+    # context per thread would need its own optimisation profile).
+    concurrent = False
 
     def __init__(self, bundle: Bundle) -> None:
         super().__init__(bundle.manifest, source=str(bundle.path))
@@ -44,8 +48,9 @@ class TensorRTRuntime(Runtime):
 
     @classmethod
     def open(cls, bundle: Bundle | None, **_: Any) -> "TensorRTRuntime":
-        if bundle is None or bundle.manifest.target != "tensorrt":
-            raise EdgefaceError("the tensorrt runtime runs bundles from `edgeface export --target jetson`")
+        if bundle is None:
+            raise EdgefaceError("the tensorrt runtime needs a bundle (--model DIR made by "
+                                "`edgeface export --target jetson`)")
         return cls(bundle)
 
     def _bind(self, shape: tuple[int, ...]) -> None:
@@ -63,14 +68,15 @@ class TensorRTRuntime(Runtime):
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         torch = self._torch
-        if batch.shape != self._shape:
-            self._bind(batch.shape)
-        with torch.cuda.stream(self._stream):
-            self._buffers[self.manifest.input.name].copy_(torch.from_numpy(batch), non_blocking=False)
-            if not self._context.execute_async_v3(self._stream.cuda_stream):
-                raise EdgefaceError("TensorRT execution failed")
-            outputs = {name: self._buffers[name].cpu().numpy() for name in OUTPUTS}
-        self._stream.synchronize()
+        with self.lock:  # the context, its bound buffers and shape are shared state (see `concurrent`)
+            if batch.shape != self._shape:
+                self._bind(batch.shape)
+            with torch.cuda.stream(self._stream):
+                self._buffers[self.manifest.input.name].copy_(torch.from_numpy(batch), non_blocking=False)
+                if not self._context.execute_async_v3(self._stream.cuda_stream):
+                    raise EdgefaceError("TensorRT execution failed")
+                outputs = {name: self._buffers[name].cpu().numpy() for name in OUTPUTS}
+            self._stream.synchronize()
         return outputs
 
     def describe(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from edgeface.bundle import Bundle
 from edgeface.errors import EdgefaceError
-from edgeface.runtimes.base import OUTPUTS, Runtime, dequantize, quantize
+from edgeface.runtimes.base import OUTPUTS, Runtime, dequantize, first_line, quantize
 
 # Interpreter modules in order of preference: (module, distribution name for the version).
 INTERPRETERS = (("ai_edge_litert.interpreter", "ai-edge-litert"), ("tflite_runtime.interpreter", "tflite-runtime"))
@@ -48,8 +48,10 @@ def load_interpreter(*, model_path: str | None = None, model_content: bytes | No
     source = {"model_path": model_path} if model_path is not None else {"model_content": model_content}
     try:
         interpreter = module.Interpreter(**source, **kwargs)
-    except ValueError as exc:
-        raise EdgefaceError(f"the TFLite interpreter could not load {model_path or 'the model'}: {exc}") from None
+    except (ValueError, RuntimeError) as exc:  # not a flatbuffer / wrong identifier / truncated
+        raise EdgefaceError(f"the TFLite interpreter could not load {model_path or 'the model'}: "
+                            f"{first_line(exc)}; the file is damaged or not a TFLite model: re-export the "
+                            "bundle") from None
     try:
         lib_version = version(dist)
     except PackageNotFoundError:
@@ -62,6 +64,10 @@ def load_interpreter(*, model_path: str | None = None, model_content: bytes | No
 
 class TFLiteRuntime(Runtime):
     name = "tflite"
+    targets = ("tflite",)
+    # One interpreter holds one set of input/output buffers: set_tensor / invoke / get_tensor from two threads
+    # interleave (or fail with "There is at least 1 reference to internal data"), so calls take turns.
+    concurrent = False
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None, xnnpack: bool = True) -> None:
         super().__init__(bundle.manifest, source=str(bundle.path))
@@ -69,13 +75,14 @@ class TFLiteRuntime(Runtime):
                                                        xnnpack=xnnpack)
         try:
             self.interpreter.allocate_tensors()
-        except RuntimeError as exc:
-            # e.g. tflite-runtime 2.14 has no int8 -> int16 QUANTIZE, which --int8-io bundles start with
-            raise EdgefaceError(
-                f"{self.info['library']} {self.info['version']} cannot run {bundle.file()}: "
-                f"{str(exc).splitlines()[0]}. Int8-I/O bundles with 16-bit stages need LiteRT (ai-edge-litert); "
-                "use the float-I/O INT8 bundle on tflite-runtime"
-            ) from None
+        except (RuntimeError, ValueError) as exc:
+            hint = "re-export the bundle"
+            if self.manifest.input.dtype != "float32":
+                # e.g. tflite-runtime 2.14 has no int8 -> int16 QUANTIZE, which --int8-io bundles start with
+                hint = ("int8-I/O bundles with 16-bit stages need LiteRT (`pip install edgeface[tflite]`); use the "
+                        "float-I/O INT8 bundle on tflite-runtime")
+            raise EdgefaceError(f"{self.info['library']} {self.info['version']} cannot run {bundle.file()}: "
+                                f"{first_line(exc)}; {hint}") from None
         self._input, self._outputs = self._resolve_tensors()
         spec = self.manifest.input
         self._input_dtype = spec.dtype
@@ -126,7 +133,8 @@ class TFLiteRuntime(Runtime):
     def open(cls, bundle: Bundle | None, *, threads: int | None = None, device: str | None = None,
              xnnpack: bool = True, **_: Any) -> "TFLiteRuntime":
         if bundle is None:
-            raise EdgefaceError("the tflite runtime needs a bundle (--model DIR made by `edgeface export tflite`)")
+            raise EdgefaceError("the tflite runtime needs a bundle (--model DIR made by "
+                                "`edgeface export --target tflite`)")
         if device and device != "cpu":
             raise EdgefaceError(f"the tflite runtime runs on the CPU (XNNPACK); device {device!r} is not "
                                 "available for TFLite bundles")
@@ -145,10 +153,11 @@ class TFLiteRuntime(Runtime):
             rows = np.ascontiguousarray(batch[start:start + step], dtype=np.float32)
             if self._input_quantization:
                 rows = quantize(rows, self._input_quantization, self._input_dtype)
-            self.interpreter.set_tensor(self._input["index"], rows)
-            self.interpreter.invoke()
-            for name, detail in self._outputs.items():
-                raw = self.interpreter.get_tensor(detail["index"])
+            with self.lock:  # see `concurrent`; get_tensor returns copies, so the outputs outlive the turn
+                self.interpreter.set_tensor(self._input["index"], rows)
+                self.interpreter.invoke()
+                raws = {name: self.interpreter.get_tensor(detail["index"]) for name, detail in self._outputs.items()}
+            for name, raw in raws.items():
                 if np.issubdtype(raw.dtype, np.integer):
                     raw = dequantize(raw, self._output_quantization[name])
                 results[name].append(raw.astype(np.float32, copy=True))

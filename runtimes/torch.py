@@ -15,6 +15,8 @@ from edgeface.runtimes.base import OUTPUTS, Runtime
 
 class TorchRuntime(Runtime):
     name = "torch"
+    targets = ()  # runs checkpoints (weights=...), not bundles
+    concurrent = True  # an eval-mode forward under inference_mode keeps no state between calls
 
     def __init__(self, network: RetinaFace, *, device: str = "cpu", resize: str = "original") -> None:
         manifest = manifest_for_model(network, target="torch", precision="fp32", files={},

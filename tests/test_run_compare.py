@@ -132,13 +132,9 @@ def test_torch_on_cuda_passes_the_battery(images, astronaut_path):
     assert candidate.runtime.describe()["device"].startswith("cuda")
 
 
-def test_coreml_and_tensorrt_say_why_they_cannot_run_here(onnx_bundle):
-    import sys
-
+def test_runtimes_that_do_not_run_the_bundle_say_which_do(onnx_bundle):
     from edgeface.runtimes import open_runtime
 
-    if sys.platform != "darwin":
-        with pytest.raises(EdgefaceError, match="Apple platforms"):
-            open_runtime("coreml", model=onnx_bundle)
-    with pytest.raises(EdgefaceError, match="tensorrt"):
-        open_runtime("tensorrt", model=onnx_bundle)
+    for runtime in ("coreml", "tensorrt", "tflite"):
+        with pytest.raises(EdgefaceError, match="is a onnx bundle; runtimes that run it: onnxruntime$"):
+            open_runtime(runtime, model=onnx_bundle)
