@@ -20,8 +20,11 @@ from edgeface.errors import EdgefaceError
 from edgeface.images import list_images, load_image
 from edgeface.processing import Detections
 
-# The WIDER FACE protocol of the reference implementation: everything down to score 0.02 is ranked.
-WIDER_SETTINGS = {"score_threshold": 0.02, "nms_threshold": 0.4, "top_k": 5000, "keep_top_k": 750}
+# The WIDER FACE protocol of the reference implementation, as Detector keyword arguments: everything down to score
+# 0.02 is ranked, and a model that takes any size sees each image at its original scale (the photo default, max:640,
+# would lose the small faces); a fixed-size model keeps its own size. An explicit ``resize=`` still wins.
+WIDER_SETTINGS = {"score_threshold": 0.02, "nms_threshold": 0.4, "top_k": 5000, "keep_top_k": 750,
+                  "default_resize": "original"}
 
 
 def select_images(images_dir: str | os.PathLike, gt: GroundTruth, limit: int | None = None) -> list[Path]:
@@ -78,6 +81,8 @@ def evaluate_detector(
     save_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> WiderResult:
+    """AP of ``detect`` (e.g. ``Detector(**WIDER_SETTINGS).detect_arrays``, which sets the protocol's thresholds
+    and original scale) on the ground-truth images under ``images_dir``, by the official protocol."""
     paths = select_images(images_dir, gt, limit)
     predictions = predict(detect, paths, save_dir=save_dir, progress=progress)
     return evaluate(predictions, gt, images=list(predictions))

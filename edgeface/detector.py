@@ -10,10 +10,10 @@ import numpy as np
 
 from edgeface.errors import EdgefaceError
 from edgeface.face import Face
-from edgeface.images import load_image
-from edgeface.processing import Detections, ResizePolicy, postprocess, preprocess
+from edgeface.images import ImageInput, load_image
+from edgeface.processing import DEFAULT_RESIZE, Detections, ResizePolicy, postprocess, preprocess
 
-ImageLike = str | os.PathLike | np.ndarray
+ImageLike = ImageInput
 
 
 class Detector:
@@ -23,9 +23,20 @@ class Detector:
     >>> faces = Detector(runtime="onnxruntime", model="bundles/onnx-fp32").detect(img)
     >>> batches = Detector().detect([img_a, img_b])                             # list[list[Face]]
 
-    Arrays are BGR uint8 (OpenCV's order). Defaults suit photographs; the WIDER FACE protocol uses
-    ``score_threshold=0.02`` (see :mod:`edgeface.benchmarks.accuracy`). ``backbone``, ``weights`` and
-    ``negative_slope`` choose the PyTorch model (torch runtime); ``model`` is an exported bundle.
+    Images are paths, BGR uint8 arrays (OpenCV's order), PIL images or encoded bytes (see
+    :func:`edgeface.images.load_image`). Faces come back in the image's own pixels, highest score first.
+
+    ``resize`` is the :class:`~edgeface.processing.ResizePolicy` before the network. Left ``None``, a model with a
+    fixed input size runs at that size, and one that takes any size (PyTorch, dynamic ONNX) at
+    ``default_resize``: ``max:640`` (images scaled down to at most 640 pixels on their longest side, never up),
+    which finds one face per face from selfies to group photos; at ``original`` a face filling a large photo is
+    beyond the anchors (about 600 pixels) and comes out as several fragments. Pass ``resize="original"`` for the
+    smallest faces of large images (the WIDER FACE protocol: :data:`edgeface.benchmarks.accuracy.WIDER_SETTINGS`,
+    which sets ``default_resize="original"`` and ``score_threshold=0.02``).
+
+    ``backbone``, ``weights`` and ``negative_slope`` choose the PyTorch model (torch runtime); ``model`` is an
+    exported bundle. Raises :class:`~edgeface.errors.EdgefaceError` for a resize policy a fixed-size model cannot
+    run.
     """
 
     def __init__(
@@ -39,6 +50,7 @@ class Detector:
         device: str = "cpu",
         threads: int | None = None,
         resize: str | ResizePolicy | None = None,
+        default_resize: str | ResizePolicy = DEFAULT_RESIZE,
         score_threshold: float = 0.5,
         nms_threshold: float = 0.4,
         top_k: int = 5000,
@@ -54,7 +66,9 @@ class Detector:
                 options.update(weights=weights, backbone=backbone, negative_slope=negative_slope)
             self.runtime = open_runtime(runtime, model=model, **options)
         native = self.runtime.resize
-        self.resize = ResizePolicy.parse(resize) if resize is not None else native
+        if resize is None:  # a model that takes any size declares "original"; the default suits photographs
+            resize = default_resize if native.mode == "original" else native
+        self.resize = ResizePolicy.parse(resize)
         if native.mode == "fixed" and self.resize != native:
             raise EdgefaceError(f"this model has a fixed input size ({native}); it cannot run with resize "
                                 f"{self.resize} (export another size, or a dynamic ONNX model)")
@@ -74,7 +88,7 @@ class Detector:
         """BGR uint8 images -> detections as arrays (batched as far as the model allows). ``timings``, when
         given, accumulates the seconds spent in each stage under "pre", "infer" and "post"."""
         clock = time.perf_counter
-        step = self.runtime.max_batch or len(images)
+        step = self.runtime.max_batch or max(1, len(images))
         results = []
         for start in range(0, len(images), step):
             t0 = clock()
@@ -99,9 +113,18 @@ class Detector:
         return results
 
     def detect(self, image: ImageLike | Sequence[ImageLike]) -> list[Face] | list[list[Face]]:
-        """Faces of one image (path or array), or one list per image for a list of images."""
+        """Faces of one image, or one list per image for a list (or tuple) of images.
+
+        An image is a path (``str`` / ``os.PathLike``), a numpy array (H x W x 3 BGR uint8; grayscale and BGRA
+        are converted, views and non-contiguous arrays are fine), a ``PIL.Image`` (any mode Pillow converts to
+        RGB; reordered to BGR) or ``bytes`` / ``bytearray`` / ``memoryview`` of an encoded image, read by
+        :func:`edgeface.images.load_image` with its size limits. Raises
+        :class:`~edgeface.errors.EdgefaceError` for anything else, for an unreadable image, or for an input over
+        the network-input limit (:func:`edgeface.processing.max_input_pixels`).
+        """
         if isinstance(image, (list, tuple)):
-            return [d.to_faces() for d in self.detect_arrays([load_image(i) for i in image])]
+            arrays = [load_image(i) for i in image]
+            return [d.to_faces() for d in self.detect_arrays(arrays)] if arrays else []
         return self.detect_arrays([load_image(image)])[0].to_faces()
 
     def close(self) -> None:

@@ -2,38 +2,190 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from edgeface.errors import EdgefaceError
 from edgeface.face import Face
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
+# Largest image edgeface decodes, in pixels (width x height as the file declares it). 200 megapixels lets the
+# largest phone photos through (200 MP sensors: 16320 x 12240; 108 MP: 12000 x 9000) and keeps a decoded image
+# under 600 MB (3 bytes a pixel). $EDGEFACE_MAX_PIXELS overrides it.
+MAX_PIXELS = 200_000_000
+# Most bytes a file may hold per declared pixel, plus a fixed allowance for metadata (EXIF, ICC, thumbnails, a
+# motion photo's video): 8 is 16-bit RGBA uncompressed, more than any supported format needs.
+MAX_BYTES_PER_PIXEL = 8
+METADATA_BYTES = 64 * 2**20
 
-def load_image(image: str | os.PathLike | np.ndarray) -> np.ndarray:
-    """A path or an array -> H x W x 3 BGR uint8.
+ImageInput = str | os.PathLike | np.ndarray | Image.Image | bytes | bytearray | memoryview
+ACCEPTED = ("a path (str or os.PathLike), a numpy array (H x W x 3 BGR uint8), a PIL.Image, "
+            "or the bytes of an encoded image (JPEG, PNG, ...)")
 
-    Arrays are taken as OpenCV gives them (BGR); grayscale (H x W or H x W x 1) is expanded to three channels and
-    BGRA drops its alpha. Anything else is refused with the reason.
+
+def max_pixels() -> int:
+    """The pixel limit in force: $EDGEFACE_MAX_PIXELS if set, else :data:`MAX_PIXELS`."""
+    return env_limit("EDGEFACE_MAX_PIXELS", MAX_PIXELS)
+
+
+def env_limit(name: str, default: int) -> int:
+    """A positive whole number from environment variable ``name`` (``_`` separators allowed), else ``default``."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise EdgefaceError(f"{name}={text!r} is not a positive whole number of pixels (e.g. {default})")
+    return value
+
+
+def load_image(image: ImageInput) -> np.ndarray:
+    """An image as H x W x 3 BGR uint8 (C-contiguous).
+
+    ``image`` is one of:
+
+    - a path (``str`` or ``os.PathLike``) of a JPEG, PNG, BMP, WebP or TIFF file, decoded with OpenCV
+      (``cv2.IMREAD_COLOR``: EXIF orientation applied, 16-bit scaled to 8, alpha dropped);
+    - ``bytes`` / ``bytearray`` / ``memoryview`` holding such a file's contents, decoded the same way;
+    - a numpy array as OpenCV gives it: H x W x 3 BGR, H x W x 4 BGRA (alpha dropped), H x W or H x W x 1
+      grayscale, dtype uint8; views and non-contiguous arrays are copied into a contiguous one;
+    - a ``PIL.Image`` (RGB, RGBA, L, LA, P, 1, CMYK, I;16 and other modes Pillow converts to RGB), reordered to
+      BGR; 16-bit grayscale is scaled to 8 bits as OpenCV does (value >> 8).
+
+    Files and bytes are checked before decoding: the header (read with Pillow) must declare at most
+    ``max_pixels()`` pixels, width x height: :data:`MAX_PIXELS` = 200 000 000 by default, set
+    ``EDGEFACE_MAX_PIXELS`` to change it (decoding takes 3 bytes a pixel); the file may hold at most 8 bytes a
+    declared pixel plus 64 MB of metadata. PIL images are held to the same pixel limit.
+
+    Raises :class:`~edgeface.errors.EdgefaceError`, with one line saying what is wrong, for: a missing,
+    unreadable (permission), empty or directory path; data that is not an image; a truncated or corrupt file
+    OpenCV cannot decode; an image over the pixel limit; an array of another dtype or shape; any other type.
     """
     if isinstance(image, np.ndarray):
         return _as_bgr(image, "image array")
-    path = Path(image)
-    if not path.is_file():
-        raise EdgefaceError(f"image not found: {path}")
-    data = np.fromfile(path, dtype=np.uint8)
-    decoded = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if decoded is None:
+    if isinstance(image, Image.Image):
+        return _from_pil(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = np.frombuffer(image, np.uint8)
+        return _decode(io.BytesIO(image), data, f"image bytes ({data.size} bytes)")
+    if isinstance(image, (str, os.PathLike)):
+        return _load_file(Path(image))
+    raise EdgefaceError(f"cannot read an image from an object of type {type(image).__qualname__}: give {ACCEPTED}")
+
+
+def _load_file(path: Path) -> np.ndarray:
+    if path.is_dir():
+        raise EdgefaceError(f"{path} is a directory, not an image file")
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:
+        raise EdgefaceError(f"image not found: {path}") from None
+    except PermissionError:
+        raise EdgefaceError(f"cannot read {path}: permission denied (check the file's permissions)") from None
+    except (OSError, ValueError) as exc:  # e.g. a name with a NUL byte, an I/O error
+        raise EdgefaceError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    with file:
+        return _decode(file, None, str(path), os.fstat(file.fileno()).st_size)
+
+
+def _decode(file, data: np.ndarray | None, what: str, size: int | None = None) -> np.ndarray:
+    """Checks the header of ``file`` (a binary file object) and decodes it with OpenCV; ``data`` is its contents
+    when already in memory (read from ``file`` otherwise, only once the header has passed)."""
+    size = data.size if data is not None else size
+    if size == 0:
+        raise EdgefaceError(f"{what} could not be decoded as an image: it is empty (0 bytes)")
+    width, height, kind = _header(file, what)
+    limit = max_pixels()
+    if width * height > limit:
         raise EdgefaceError(
-            f"{path} could not be decoded as an image (empty or not an image file); "
-            f"supported formats include {', '.join(IMAGE_SUFFIXES)}"
-        )
+            f"{what} declares a {width}x{height} {kind} image ({width * height / 1e6:.1f} megapixels), over "
+            f"edgeface's limit of {limit / 1e6:g} megapixels: set EDGEFACE_MAX_PIXELS to raise it if the image is "
+            "genuine")
+    if size > width * height * MAX_BYTES_PER_PIXEL + METADATA_BYTES:
+        raise EdgefaceError(f"{what} is {size / 2**20:.0f} MB, far more than a {width}x{height} {kind} image "
+                            "needs: not a valid image file")
+    if data is None:
+        file.seek(0)
+        data = np.frombuffer(file.read(), np.uint8)
+    try:
+        with _quiet_stderr():  # libjpeg / libpng print their own warnings; the outcome is reported below
+            decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error as exc:  # e.g. over OpenCV's own size limit ($OPENCV_IO_MAX_IMAGE_PIXELS)
+        raise EdgefaceError(f"{what} could not be decoded by OpenCV: {' '.join(str(exc).split())}") from None
+    if decoded is None:
+        raise EdgefaceError(f"{what} could not be decoded: a {width}x{height} {kind} file that is truncated or "
+                            "corrupt (or a format OpenCV cannot read)")
     return decoded
+
+
+def _header(file, what: str) -> tuple[int, int, str]:
+    """(width, height, format) as the file's header declares them, read by Pillow without decoding pixels."""
+    with _PILLOW_LOCK:
+        # edgeface applies its own (configurable) limit to the declared size; Pillow's would refuse before
+        # telling the size. Restored at once; the lock keeps concurrent loads from restoring it early.
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(file) as header:
+                return header.width, header.height, header.format or "image"
+        except Image.UnidentifiedImageError:
+            raise EdgefaceError(f"{what} could not be decoded as an image: not an image file (or a truncated one); "
+                                f"supported formats include {', '.join(IMAGE_SUFFIXES)}") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises on a broken header
+            raise EdgefaceError(f"{what} is truncated or corrupt: its image header cannot be read ({exc})") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+_PILLOW_LOCK = threading.Lock()
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Sends file descriptor 2 to the null device for the duration: the C image libraries write there directly,
+    below OpenCV's log level."""
+    with _STDERR_LOCK:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to silence
+            yield
+            return
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)
+
+
+def _from_pil(image: Image.Image) -> np.ndarray:
+    limit = max_pixels()
+    if image.width * image.height > limit:  # a lazily opened image would decode on conversion
+        raise EdgefaceError(f"PIL image of {image.width}x{image.height} pixels is over edgeface's limit of "
+                            f"{limit / 1e6:g} megapixels: set EDGEFACE_MAX_PIXELS to raise it")
+    if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte, as OpenCV does for 16-bit files
+        return _as_bgr((np.asarray(image) >> 8).astype(np.uint8), "PIL image")
+    if image.mode in ("L", "LA"):
+        return _as_bgr(np.asarray(image.convert("L")), "PIL image")
+    try:
+        rgb = np.asarray(image.convert("RGB"))
+    except (ValueError, OSError) as exc:
+        raise EdgefaceError(f"PIL image of mode {image.mode} cannot be converted to RGB ({exc})") from None
+    return np.ascontiguousarray(rgb[..., ::-1])
 
 
 def _as_bgr(array: np.ndarray, what: str) -> np.ndarray:
@@ -44,6 +196,7 @@ def _as_bgr(array: np.ndarray, what: str) -> np.ndarray:
             f"{what} has dtype {array.dtype}; edgeface takes uint8 pixels 0-255 "
             "(for float images in 0-1 use (image * 255).round().astype(np.uint8))"
         )
+    array = np.ascontiguousarray(array)  # views (crops, strides, [..., ::-1]) become plain arrays for OpenCV
     if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1):
         return cv2.cvtColor(array.reshape(array.shape[:2]), cv2.COLOR_GRAY2BGR)
     if array.ndim == 3 and array.shape[2] == 4:

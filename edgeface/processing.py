@@ -21,8 +21,13 @@ import numpy as np
 
 from edgeface.errors import EdgefaceError
 from edgeface.face import Face
+from edgeface.images import env_limit
 
 INPUT_MULTIPLE = 32
+# Largest network input edgeface builds, in pixels (width x height of one image): 4096 x 4096. At that size the
+# default PyTorch model peaks at about 1.3 GB of memory on CPU (18 s a frame on one core); an 8000 x 6000 photo
+# at original scale would need about 3.5 GB. $EDGEFACE_MAX_INPUT_PIXELS overrides it.
+MAX_INPUT_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -42,11 +47,19 @@ class AnchorSpec:
 class ResizePolicy:
     """How an image is scaled before the network.
 
-    - ``original``: no scaling (WIDER FACE protocol; the input grows with the image).
-    - ``longest:N``: scale so the longest side is N pixels.
+    - ``max:N``: scale down so the longest side is at most N pixels; smaller images keep their size. ``max:640``
+      is :data:`DEFAULT_RESIZE`, what :class:`~edgeface.detector.Detector` uses for photographs with a model that
+      takes any size: the anchors cover faces of 16 to about 600 pixels at the network input, so a face filling
+      a selfie or close-up stays within them (at original scale it comes out as several confident fragments).
+    - ``longest:N``: scale so the longest side is N pixels (up or down).
+    - ``original``: no scaling: the WIDER FACE protocol (small faces in large images), the input grows with the
+      image.
     - ``fixed:HxW``: scale to fit inside HxW keeping the aspect ratio, pad the rest (static-shape models).
 
-    Padding, where there is any, goes bottom/right, so results map back by a single division.
+    Whatever the policy, a side that would round to 0 pixels becomes 1, and a network input over
+    :func:`max_input_pixels` pixels (width x height) is refused with an :class:`~edgeface.errors.EdgefaceError`
+    (see :func:`preprocess`). Padding, where there is any, goes bottom/right, so results map back by a single
+    division.
     """
 
     mode: str = "original"
@@ -59,11 +72,11 @@ class ResizePolicy:
         text = str(spec).strip().lower()
         if text == "original":
             return cls("original")
-        if m := re.fullmatch(r"longest:(\d+)", text):
-            n = int(m.group(1))
+        if m := re.fullmatch(r"(longest|max):(\d+)", text):
+            n = int(m.group(2))
             if n < INPUT_MULTIPLE:
                 raise EdgefaceError(f"resize {spec!r}: the longest side must be at least {INPUT_MULTIPLE} pixels")
-            return cls("longest", (n, n))
+            return cls(m.group(1), (n, n))
         if m := re.fullmatch(r"(?:fixed:)?(\d+)x(\d+)", text):
             h, w = int(m.group(1)), int(m.group(2))
             if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE or not h or not w:
@@ -72,22 +85,39 @@ class ResizePolicy:
                     f"on both sides (e.g. 640x640)"
                 )
             return cls("fixed", (h, w))
-        raise EdgefaceError(f"unknown resize policy {spec!r}; use 'original', 'longest:N' or 'fixed:HxW' (e.g. 640x640)")
+        raise EdgefaceError(f"unknown resize policy {spec!r}; use 'max:N', 'longest:N', 'original' or 'fixed:HxW' "
+                            "(e.g. max:640, 640x640)")
 
     def scale_for(self, image_hw: tuple[int, int]) -> float:
+        """Factor from image pixels to network-input pixels for an image of ``image_hw`` = (height, width)."""
         h, w = image_hw
         if self.mode == "longest":
             return self.size[0] / max(h, w)
+        if self.mode == "max":
+            return min(1.0, self.size[0] / max(h, w))
         if self.mode == "fixed":
             return min(self.size[0] / h, self.size[1] / w)
         return 1.0
 
+    def resized_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) of an image of ``image_hw`` after scaling: each side rounded, at least 1 pixel."""
+        scale = self.scale_for(image_hw)
+        return tuple(max(1, round(side * scale)) for side in image_hw)
+
     def __str__(self) -> str:
-        if self.mode == "longest":
-            return f"longest:{self.size[0]}"
+        if self.mode in ("longest", "max"):
+            return f"{self.mode}:{self.size[0]}"
         if self.mode == "fixed":
             return f"fixed:{self.size[0]}x{self.size[1]}"
         return "original"
+
+
+DEFAULT_RESIZE = ResizePolicy("max", (640, 640))
+
+
+def max_input_pixels() -> int:
+    """The network-input limit in force: $EDGEFACE_MAX_INPUT_PIXELS if set, else :data:`MAX_INPUT_PIXELS`."""
+    return env_limit("EDGEFACE_MAX_INPUT_PIXELS", MAX_INPUT_PIXELS)
 
 
 @dataclass(frozen=True)
@@ -107,25 +137,36 @@ def preprocess(
     layout: str = "NCHW",
     pad_bgr: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, list[Letterbox]]:
-    """BGR uint8 images -> one float32 batch (``mean_bgr`` subtracted, padded to a common size).
+    """BGR uint8 images (H x W x 3 each) -> one float32 batch (N x 3 x H' x W' for ``layout`` "NCHW", N x H' x W'
+    x 3 for "NHWC") with ``mean_bgr`` subtracted, padded to a common size, and where each image sits in it.
 
     Padding is the model's mean colour ``pad_bgr`` (default ``mean_bgr``), i.e. zero once the mean is subtracted,
     as the convolutions' own padding is; a model that subtracts the mean itself passes ``mean_bgr`` zeros and
     ``pad_bgr`` its mean.
+
+    Raises :class:`~edgeface.errors.EdgefaceError`, before resizing or allocating anything, when H' x W' would
+    exceed :func:`max_input_pixels` pixels (4096 x 4096 by default): e.g. a photo of over 16.8 megapixels or a
+    1000000 x 64 panorama under ``original``, or a batch whose images, padded to a common size, reach that.
     """
-    resized, boxes = [], []
-    for image in images:
-        h, w = image.shape[:2]
-        scale = policy.scale_for((h, w))
-        if scale != 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-        resized.append(image)
-        boxes.append((scale, (h, w)))
+    sizes = [policy.resized_hw(image.shape[:2]) for image in images]
     if policy.mode == "fixed":
         input_hw = policy.size
     else:  # images of a batch share the largest size; a single image is not padded at all
-        input_hw = (max(im.shape[0] for im in resized), max(im.shape[1] for im in resized))
+        input_hw = (max(h for h, _ in sizes), max(w for _, w in sizes))
+    limit = max_input_pixels()
+    if input_hw[0] * input_hw[1] > limit:  # checked before any resize or allocation
+        h, w = images[0].shape[:2]
+        what = f"a {w}x{h} image" if len(images) == 1 else f"a batch of {len(images)} images"
+        raise EdgefaceError(
+            f"resize {policy} would give {what} a {input_hw[1]}x{input_hw[0]} network input "
+            f"({input_hw[0] * input_hw[1] / 1e6:.1f} megapixels), over edgeface's limit of {limit / 1e6:.1f} "
+            "megapixels: use a resize that scales down (--resize max:1920, or resize='max:1920' in Python) or set "
+            "EDGEFACE_MAX_INPUT_PIXELS to raise the limit")
+    resized, boxes = [], []
+    for image, (h, w) in zip(images, sizes):
+        scale = policy.scale_for(image.shape[:2])
+        boxes.append((scale, image.shape[:2]))
+        resized.append(image if scale == 1.0 else cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR))
     mean = np.asarray(mean_bgr, np.float32)
     pad = np.asarray(mean_bgr if pad_bgr is None else pad_bgr, np.float32) - mean
     if layout not in ("NCHW", "NHWC"):

@@ -223,7 +223,7 @@ def _parity(bundle_dir: Path, model, precision: str, not_runnable: str | None, l
     if not_runnable:
         log(f"parity skipped: {not_runnable}")
         return {"status": "skipped", "reason": not_runnable}
-    candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir))
+    candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir), default_resize="original")
     reference = torch_detector(model, candidate.resize)
     report = compare(reference, candidate, parity_images()).check(precision)
     candidate.close()

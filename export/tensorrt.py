@@ -152,7 +152,8 @@ def build_engine(bundle_dir: str | Path, *, workspace_mb: int | None = None, ver
         from edgeface.benchmarks.parity import compare_to_reference
         from edgeface.detector import Detector
 
-        report = compare_to_reference(Detector(model=bundle.path, runtime="tensorrt"), bundle.path)
+        report = compare_to_reference(Detector(model=bundle.path, runtime="tensorrt", default_resize="original"),
+                                      bundle.path)
         report.check(manifest.precision)
         manifest.target_info["engine"]["parity"] = report.to_dict()
         write_manifest(bundle.path, manifest)

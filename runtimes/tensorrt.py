@@ -40,7 +40,7 @@ class TensorRTRuntime(Runtime):
         self._engine = self._runtime.deserialize_cuda_engine(bundle.file("engine").read_bytes())
         if self._engine is None:
             raise EdgefaceError(f"{bundle.file('engine')} could not be loaded: it was built for another GPU or "
-                                "TensorRT version; rebuild it with `edgeface build-engine`")
+                                f"TensorRT version; rebuild it with `edgeface build-engine {bundle.path}`")
         self._context = self._engine.create_execution_context()
         self._stream = torch.cuda.Stream()
         self._buffers: dict[str, Any] = {}
