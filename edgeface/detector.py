@@ -35,7 +35,11 @@ class Detector:
     which sets ``default_resize="original"`` and ``score_threshold=0.02``).
 
     ``backbone``, ``weights`` and ``negative_slope`` choose the PyTorch model (torch runtime); ``model`` is an
-    exported bundle. Raises :class:`~edgeface.errors.EdgefaceError` for a resize policy a fixed-size model cannot
+    exported bundle.
+
+    One Detector may be shared by threads (a web server, a camera pipeline): onnxruntime and torch run calls in
+    parallel; tflite, tensorrt and coreml run one call at a time (see :class:`~edgeface.runtimes.base.Runtime`);
+    open one Detector per thread for parallel speed on those. Raises :class:`~edgeface.errors.EdgefaceError` for a resize policy a fixed-size model cannot
     run.
     """
 

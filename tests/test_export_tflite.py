@@ -82,6 +82,16 @@ def test_fp32_bundle_contract(bundles):
     assert len({t["index"] for t in mapping.values()}) == 3 and all(t["name"] for t in mapping.values())
     assert [mapping[n]["shape"][-1] for n in ("loc", "conf", "landmarks")] == [4, 2, 10]
     assert m.target_info["input_tensor"]["shape"] == [1, 320, 320, 3]
+    # the bindings Android's Java API uses: position in the output list, and the signature's output key
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(bundle.file()))
+    details = interpreter.get_output_details()
+    runner = interpreter.get_signature_runner(m.target_info["signature"])
+    keyed = {key: d["index"] for key, d in runner.get_output_details().items()}
+    for name, tensor in mapping.items():
+        assert details[tensor["position"]]["index"] == tensor["index"]
+        assert keyed[tensor["signature_key"]] == tensor["index"]
     check = m.target_info["output_check"]
     assert check["status"] == "passed" and max(check["outputs"]["loc"]["error_by_stride"].values()) < 1e-4
     assert m.converter["exporter"] == "litert_torch.convert"
