@@ -23,6 +23,10 @@ from edgeface.images import load_image
 SCHEMA = "edgeface.bench"
 SCHEMA_VERSION = 1
 AGREEMENT_IMAGES = 20  # images compared face by face with FP32 PyTorch (landmark error)
+# Timed runs stop early once a size has taken this long (and has MIN_RUNS): 50 runs of PyTorch at 4k on one thread
+# would take minutes, and percentiles of slow runs settle quickly.
+LATENCY_BUDGET_S = 30.0
+MIN_RUNS = 10
 SIZES = {"vga": (480, 640), "hd": (720, 1280), "4k": (2160, 3840)}
 LIBRARIES = ("edgeface", "torch", "numpy", "opencv-python-headless", "onnxruntime", "ai-edge-litert",
              "tflite-runtime", "coremltools", "tensorrt")
@@ -34,8 +38,10 @@ def parse_sizes(text: str) -> dict[str, tuple[int, int]]:
         name = name.strip().lower()
         if name in SIZES:
             sizes[name] = SIZES[name]
-        elif "x" in name and all(p.isdigit() for p in name.split("x")):
+        elif "x" in name and all(p.isdigit() for p in name.split("x")) and name.count("x") == 1:
             h, w = map(int, name.split("x"))
+            if not (32 <= h <= 8192 and 32 <= w <= 8192):
+                raise EdgefaceError(f"size {name!r}: each side must be 32-8192 pixels (e.g. 720x1280)")
             sizes[name] = (h, w)
         else:
             raise EdgefaceError(f"unknown size {name!r}: use vga, hd, 4k or HxW (e.g. 720x1280)")
@@ -70,15 +76,20 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}": round(float(np.percentile(ms, q)), 3) for q in (50, 90, 99)}
 
 
-def measure_latency(candidates: Sequence, image: np.ndarray, *, warmup: int, iters: int) -> list[dict[str, Any]]:
+def measure_latency(candidates: Sequence, image: np.ndarray, *, warmup: int, iters: int,
+                    budget_s: float | None = LATENCY_BUDGET_S) -> list[dict[str, Any]]:
     """Per-stage latency percentiles of each candidate (a Detector, or a baseline with its ``detect_arrays``) on
-    one image, after ``warmup`` untimed runs. Candidates take turns run by run, so that a change in the machine's
-    load or clock affects them alike and their ratio stays fair."""
+    one image, after ``warmup`` untimed runs; ``iters`` timed runs, fewer (at least MIN_RUNS) once they have
+    taken ``budget_s``. Candidates take turns run by run, so that a change in the machine's load or clock affects
+    them alike and their ratio stays fair."""
     for _ in range(warmup):
         for candidate in candidates:
             candidate.detect_arrays([image])
     stages = [{"pre": [], "infer": [], "post": [], "total": []} for _ in candidates]
-    for _ in range(iters):
+    started = time.perf_counter()
+    for run in range(iters):
+        if budget_s is not None and run >= MIN_RUNS and time.perf_counter() - started > budget_s:
+            break
         for candidate, record in zip(candidates, stages):
             timings: dict[str, float] = {}
             started = time.perf_counter()
@@ -90,6 +101,7 @@ def measure_latency(candidates: Sequence, image: np.ndarray, *, warmup: int, ite
     for record in stages:
         result = {f"{stage}_ms": _percentiles(values) for stage, values in record.items()}
         result["fps"] = round(1.0 / float(np.median(record["total"])), 2)
+        result["runs"] = len(record["total"])
         results.append(result)
     return results
 
@@ -203,19 +215,31 @@ def _accuracy(detector, data: dict[str, Any], progress: bool) -> dict[str, Any]:
 
     gt = load_ground_truth(data["gt"])
     wider = Detector(runtime=detector.runtime, **WIDER_SETTINGS)
+    manifest = detector.runtime.manifest
+    name = artifact_name(manifest)
+    log = (lambda message: print(f"edgeface bench: {name}: {message}", file=sys.stderr)) if progress else (
+        lambda message: None)
+    log(f"WIDER FACE AP, {data.get('limit') or 'all'} images")
     result = evaluate_detector(wider.detect_arrays, data["images"], gt, limit=data.get("limit"), progress=progress)
     out = {**result.to_dict(), "resize": str(wider.resize),
            "pr_curves": {k: np.round(v, 5).tolist() for k, v in result.pr_curves.items()}}
-    manifest = detector.runtime.manifest
-    weights = data.get("weights") or (manifest.model.get("weights") or {}).get("name") or "default"
-    try:
-        reference = get_model(manifest.model["name"], weights=weights)
-    except EdgefaceError as exc:  # e.g. a bundle exported from a local checkpoint: --weights names it
-        return {**out, "delta_ap": None, "delta_reason": f"no FP32 reference: {exc}"}
-    base = fp32_baseline(reference, wider.resize, data, gt, progress, lambda message: None)
+    if _is_fp32_torch(detector):  # it is its own reference: evaluating PyTorch again would only double the time
+        reference, base = detector.runtime.network, dict(result.ap)
+    else:
+        weights = data.get("weights") or (manifest.model.get("weights") or {}).get("name") or "default"
+        try:
+            reference = get_model(manifest.model["name"], weights=weights)
+        except EdgefaceError as exc:  # e.g. a bundle exported from a local checkpoint: --weights names it
+            return {**out, "delta_ap": None, "delta_reason": f"no FP32 reference: {exc}"}
+        base = fp32_baseline(reference, wider.resize, data, gt, progress, log)  # cached per weights and images
     out.update(fp32_torch_ap=base, delta_ap={k: round(result.ap[k] - base[k], 5) for k in result.ap},
                vs_fp32_torch=_agreement(reference, wider, data, gt))
     return out
+
+
+def _is_fp32_torch(detector) -> bool:
+    runtime = detector.runtime
+    return runtime.name == "torch" and str(getattr(runtime, "device", "")) == "cpu"
 
 
 def _agreement(reference_model, detector, data: dict[str, Any], gt) -> dict[str, Any]:

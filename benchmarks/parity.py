@@ -130,16 +130,25 @@ def compare_to_reference(candidate, bundle_dir) -> ParityReport:
     from edgeface.face import LANDMARK_NAMES
     from edgeface.images import load_image
 
+    from edgeface.errors import EdgefaceError
+    from edgeface.processing import ResizePolicy
+
     folder = Path(bundle_dir) / "parity"
     tally = _Tally()
-    for record in json.loads((folder / "reference.json").read_text())["images"]:
+    try:
+        reference = json.loads((folder / "reference.json").read_text())
+        policy = ResizePolicy.parse(reference["resize"])  # the size the reference was computed at
+        records = list(reference["images"])
+    except (ValueError, KeyError, TypeError, EdgefaceError) as exc:
+        raise EdgefaceError(f"{folder / 'reference.json'} is damaged ({exc}); re-export the bundle") from None
+    for record in records:
         faces = record["faces"]
         ref = Detections(
             np.array([f["box"] for f in faces], np.float32).reshape(-1, 4),
             np.array([f["score"] for f in faces], np.float32),
             np.array([[f["landmarks"][n] for n in LANDMARK_NAMES] for f in faces], np.float32).reshape(-1, 5, 2))
         image = load_image(folder / record["image"])
-        batch, (letterbox,) = preprocess([image], policy=candidate.resize, mean_bgr=candidate.runtime.mean_bgr,
+        batch, (letterbox,) = preprocess([image], policy=policy, mean_bgr=candidate.runtime.mean_bgr,
                                          pad_bgr=candidate.runtime.pad_bgr, layout=candidate.runtime.layout)
         out = candidate.runtime.infer(batch)
         tally.add(ref, postprocess(out["loc"][0], out["conf"][0], out["landmarks"][0], letterbox,

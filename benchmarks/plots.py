@@ -56,6 +56,15 @@ def _save(fig: Any, path: Path) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
+def _log_ms_axis(axis: Any, set_scale: Any, ticker: Any) -> None:
+    """Latency on a log axis: one slow artifact (FP32 PyTorch, an outside baseline) would flatten every other
+    point against zero on a linear one. Ticks at 1, 2, 5 x 10^n in plain ms (log axes label only powers of ten)."""
+    set_scale("log")
+    axis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+    axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
 def plot_report(record: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     """Write latency_vs_ap.png, pr_curves.png and latency_vs_size.png into ``out_dir``; a figure with nothing to
     draw (no accuracy, no latency) is skipped. Returns the paths written."""
@@ -77,7 +86,8 @@ def plot_report(record: dict[str, Any], out_dir: str | os.PathLike) -> list[Path
             # A legend, not labels at the points: artifacts of one model often sit on top of each other.
             ax.plot([x], [y], linestyle="none", marker=style["marker"], color=style["color"], markersize=8,
                     label=f"{style['label']}: {x:.1f} ms, AP {y:.3f}")
-        ax.set_xlabel(f"p50 end-to-end latency at {_first_size_label(with_ap)} (ms)")
+        ax.set_xlabel(f"p50 end-to-end latency at {_first_size_label(with_ap)} (ms, log scale)")
+        _log_ms_axis(ax.xaxis, ax.set_xscale, ticker)
         ax.set_ylabel("WIDER FACE hard AP")
         ax.set_title(f"Accuracy vs latency on {device}")
         ax.margins(0.15)
@@ -112,14 +122,12 @@ def plot_report(record: dict[str, Any], out_dir: str | os.PathLike) -> list[Path
             megapixels = [m["image"][0] * m["image"][1] / 1e6 for m in r["latency"]]
             sizes.update(zip(megapixels, (m["size"] for m in r["latency"])))
             ax.plot(megapixels, [m["total_ms"]["p50"] for m in r["latency"]], **styles[r["name"]])
-        ax.set(xscale="log", yscale="log", xlabel="image size (megapixels)", ylabel="p50 end-to-end latency (ms)",
+        ax.set(xscale="log", xlabel="image size (megapixels)", ylabel="p50 end-to-end latency (ms, log scale)",
                title=f"Latency vs image size on {device}")
         # Log axes label only powers of ten by default; name the measured sizes and plain ms values instead.
         ax.set_xticks(list(sizes), [f"{name}\n{mp:.2f} MP" for mp, name in sizes.items()])
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
-        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        _log_ms_axis(ax.yaxis, ax.set_yscale, ticker)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=9)
         written.append(_save(fig, out_dir / "latency_vs_size.png"))
@@ -128,14 +136,14 @@ def plot_report(record: dict[str, Any], out_dir: str | os.PathLike) -> list[Path
 
 def plot_merged(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """One horizontal grouped bar chart: p50 latency at the first measured size of every artifact, per device."""
-    Figure, _ = _matplotlib()
+    Figure, ticker = _matplotlib()
     devices = [(_device_label(rec.get("device") or {}), _measured(rec)) for rec in records]
     devices = [(label, measured) for label, measured in devices if measured]
     if len({label for label, _ in devices}) < len(devices):  # several reports of one device: number them
         devices = [(f"{label} #{i + 1}", measured) for i, (label, measured) in enumerate(devices)]
     if not devices:
         raise EdgefaceError("no bench report has a measured latency to plot (every result failed or was only "
-                            "exported); run edgeface bench on a device first")
+                            "exported); run `edgeface bench` on a device first")
     artifacts = {r["name"]: r for _, measured in devices for r in measured}  # union, in order of appearance
     styles = {name: _style(r, i) for i, (name, r) in enumerate(artifacts.items())}
     bars_total = sum(len(measured) for _, measured in devices)
@@ -156,7 +164,9 @@ def plot_merged(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> P
         labels.append(label)
         y -= len(measured) + 1
     ax.set_yticks(ticks, labels)
-    ax.set_xlabel(f"p50 end-to-end latency at {_first_size_label([r for _, m in devices for r in m])} (ms)")
+    ax.set_xlabel(f"p50 end-to-end latency at {_first_size_label([r for _, m in devices for r in m])} "
+                  "(ms, log scale)")
+    _log_ms_axis(ax.xaxis, ax.set_xscale, ticker)
     ax.set_title("Latency per artifact across devices")
     ax.margins(x=0.12)  # room for the value labels
     ax.grid(alpha=0.3, axis="x")

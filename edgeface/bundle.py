@@ -6,7 +6,6 @@ decode rules) from the manifest; nothing is guessed from tensor shapes.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -21,15 +20,7 @@ import jsonschema
 
 from edgeface.errors import EdgefaceError
 from edgeface.face import LANDMARK_NAMES
-from edgeface.files import atomic_write
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
+from edgeface.files import atomic_write, sha256_file
 
 SCHEMA = "edgeface.bundle"
 SCHEMA_VERSION = 1
@@ -177,7 +168,7 @@ def read_manifest(manifest_file: Path) -> dict[str, Any]:
         raise EdgefaceError(f"{where} is {manifest_file.stat().st_size} bytes, not an edgeface manifest (at most "
                             f"{MAX_MANIFEST_BYTES}); re-export the bundle")
     try:
-        data = json.loads(manifest_file.read_bytes().decode("utf-8"))
+        data = json.loads(manifest_file.read_bytes().decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:120]
         raise EdgefaceError(f"{where} is not valid JSON ({reason}); re-export the bundle") from None
@@ -192,14 +183,20 @@ def read_manifest(manifest_file: Path) -> dict[str, Any]:
             f"(supports {SCHEMA_VERSION}); re-export the bundle or upgrade edgeface")
     error = jsonschema.exceptions.best_match(_schema_validator().iter_errors(data))
     if error is not None:
-        expected = (f"{_short(error.instance)}, expected {error.schema['description']}" if error.validator == "pattern"
-                    else error.message if len(error.message) <= 160 else _expectation(error))
+        if error.validator == "pattern" and "description" in error.schema:
+            expected = f"{_short(error.instance)}, expected {error.schema['description']}"
+        else:
+            expected = error.message if len(error.message) <= 160 else _expectation(error)
         raise EdgefaceError(f"{where}: field {_field(error.absolute_path)} is invalid: {expected}; "
                             "re-export the bundle")
     problem = _inconsistency(data)
     if problem:
         raise EdgefaceError(f"{where}: {problem}; re-export the bundle")
     return data
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _expectation(error) -> str:

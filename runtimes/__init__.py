@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 from typing import Any
 
 from edgeface.bundle import load_bundle
@@ -18,6 +19,8 @@ _RUNTIMES = {
     "tensorrt": "edgeface.runtimes.tensorrt:TensorRTRuntime",
     "coreml": "edgeface.runtimes.coreml:CoreMLRuntime",
 }
+# Far beyond any board; onnxruntime asked for 100000 threads crashes instead of refusing.
+MAX_THREADS = 256
 # The runtime that runs each export target when none is named.
 DEFAULT_FOR_TARGET = {"onnx": "onnxruntime", "tflite": "tflite", "tensorrt": "tensorrt", "coreml": "coreml",
                       "torch": "torch"}
@@ -54,6 +57,11 @@ def check_runs(runtime: str, bundle) -> None:
 def open_runtime(runtime: str | None = None, *, model: str | os.PathLike | None = None, **options: Any) -> Runtime:
     """Open ``model`` (a bundle directory) with ``runtime`` (default: the one for the bundle's target); without
     a bundle, the torch runtime on ``weights=...``."""
+    device, threads = options.get("device"), options.get("threads")
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise EdgefaceError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS):
+        raise EdgefaceError(f"threads {threads!r}: give a whole number 1-{MAX_THREADS}")
     bundle = load_bundle(model) if model is not None else None
     if runtime is None:
         runtime = DEFAULT_FOR_TARGET[bundle.manifest.target] if bundle else "torch"
