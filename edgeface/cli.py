@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from edgeface.errors import EdgefaceError
-from edgeface.runtimes import MAX_THREADS
+from edgeface.processing import MAX_THREADS
 
 
 def _weights_options(group) -> None:

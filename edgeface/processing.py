@@ -28,6 +28,8 @@ INPUT_MULTIPLE = 32
 # default PyTorch model peaks at about 1.3 GB of memory on CPU (18 s a frame on one core); an 8000 x 6000 photo
 # at original scale would need about 3.5 GB. $EDGEFACE_MAX_INPUT_PIXELS overrides it.
 MAX_INPUT_PIXELS = 4096 * 4096
+# Runtime threads: far beyond any board; onnxruntime asked for 100000 threads crashes instead of refusing.
+MAX_THREADS = 256
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 from edgeface.bundle import load_bundle
 from edgeface.errors import EdgefaceError
+from edgeface.processing import MAX_THREADS
 from edgeface.runtimes.base import Runtime
 
 _RUNTIMES = {
@@ -19,8 +20,6 @@ _RUNTIMES = {
     "tensorrt": "edgeface.runtimes.tensorrt:TensorRTRuntime",
     "coreml": "edgeface.runtimes.coreml:CoreMLRuntime",
 }
-# Far beyond any board; onnxruntime asked for 100000 threads crashes instead of refusing.
-MAX_THREADS = 256
 # The runtime that runs each export target when none is named.
 DEFAULT_FOR_TARGET = {"onnx": "onnxruntime", "tflite": "tflite", "tensorrt": "tensorrt", "coreml": "coreml",
                       "torch": "torch"}

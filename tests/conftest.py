@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Subprocesses (`python -m edgeface ...`) import the installed package, not the checkout's edgeface/ folder, which
+# lacks the export/runtimes/benchmarks subpackages mapped in by pyproject (Python >= 3.11: no cwd on sys.path).
+os.environ["PYTHONSAFEPATH"] = "1"
+
 SHARED = Path(os.environ.get("EDGEFACE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 WIDER_IMAGES = SHARED / "data" / "widerface" / "val" / "images"
 WIDER_GT = SHARED / "data" / "widerface" / "ground_truth"
