@@ -86,9 +86,9 @@ def measure_latency(candidates: Sequence, image: np.ndarray, *, warmup: int, ite
         for candidate in candidates:
             candidate.detect_arrays([image])
     stages = [{"pre": [], "infer": [], "post": [], "total": []} for _ in candidates]
-    started = time.perf_counter()
+    budget_start = time.perf_counter()
     for run in range(iters):
-        if budget_s is not None and run >= MIN_RUNS and time.perf_counter() - started > budget_s:
+        if budget_s is not None and run >= MIN_RUNS and time.perf_counter() - budget_start > budget_s:
             break
         for candidate, record in zip(candidates, stages):
             timings: dict[str, float] = {}
