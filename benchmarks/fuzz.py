@@ -22,11 +22,15 @@ Command lines run in one long-lived worker process (``edgeface.cli.main(argv)`` 
 captured, its exit status and any escaping exception recorded), so that a thousand cases do not pay a thousand
 interpreter start-ups; a case that hangs or kills the worker is recorded and the worker restarted at the next case.
 Cases that depend on being a real process (a kill mid-export, a broken pipe, the environment) run in their own
-process; ``--out /`` runs in a private mount namespace with every file system read-only (``unshare``). Everything is generated deterministically (seeded) in a temporary folder under ``--out``;
-``results.json`` there has every case and its outcome, ``summary.md`` the table.
+process; ``--out /`` runs in a private mount namespace with every file system read-only (``unshare``).
 
-Exports (the bundles mutated here, and the data-loss cases) are heavy: run the full battery under
-``flock /tmp/edgeface-heavy.lock`` on a shared machine.
+Every input is generated deterministically (seeded) under ``--out``/work, each case's output under ``--out``/cases;
+``results.json`` there has every case and its outcome, ``summary.md`` the table. ``--out`` must be a new or empty
+folder or the output of a previous run (marked by its ``.edgeface-fuzz`` file), whose generated folders are
+replaced; any other folder is refused, so a user's files are never cleared. The battery is bounded: ``--seconds``
+for the whole run (cases left are ``not run``), a time limit per case and ``--memory-gb`` of address space per case
+process. Exports (the bundles mutated here, and the data-loss cases) are heavy: on a shared machine, run the full
+battery when nothing else is exporting.
 """
 
 from __future__ import annotations
@@ -1136,6 +1140,8 @@ def _run_cli(main, argv: list[str]) -> int:
 
 
 def _run_api(case: Case, namespace: dict, shared: list, Detector, EdgefaceError) -> dict[str, Any]:
+    from edgeface.runtimes.base import first_line
+
     try:
         if case.input is not None:
             if not shared:
@@ -1146,12 +1152,13 @@ def _run_api(case: Case, namespace: dict, shared: list, Detector, EdgefaceError)
             result = eval(case.call, namespace)  # noqa: S307
         return {"api": "ok", "faces": summarize_faces(result)}
     except EdgefaceError as exc:
-        return {"api": "edgeface_error", "message": str(exc)}
+        return {"api": "edgeface_error", "message": first_line(exc)}
     except MemoryError:
         return {"api": "memory", "message": "MemoryError"}
     except BaseException as exc:  # noqa: BLE001 - anything else is a failure to report, not to stop on
         traceback.print_exc()
-        return {"api": "exception", "message": f"{type(exc).__name__}: {exc}"[:300]}
+        name, line = type(exc).__name__, first_line(exc)  # first_line falls back to the name
+        return {"api": "exception", "message": (name if line == name else f"{name}: {line}")[:300]}
 
 
 # ---------------------------------------------------------------------------------------------- the runner
@@ -1430,11 +1437,11 @@ def _classify_api(case: Case, raw: dict, stderr: str, raws: dict) -> tuple[str, 
     if status == "memory":
         return "memory", message
     if status == "exception":
-        return "traceback", message.splitlines()[0] if message else "exception"
+        return "traceback", message[:300] or "exception"  # one line: the worker keeps the first (first_line)
     if status == "edgeface_error":
         if case.expect.get("succeed"):
             return "wrong", "refused a valid input: " + message[:250]
-        return "clear error", message.splitlines()[0][:300] if message else "EdgefaceError"
+        return "clear error", message[:300] or "EdgefaceError"
     return _compare_faces(case, raw["faces"], raws)
 
 
@@ -1550,12 +1557,59 @@ def build_cases(work: Path, *, quick: bool, log) -> tuple[list[Case], list[Resul
     return cases, failed
 
 
+MARKER = ".edgeface-fuzz"
+# What a run writes directly in --out; a folder holding anything else is not (only) a fuzz output.
+OUTPUT_ENTRIES = {MARKER, "results.json", "summary.md", "work", "cases", "worker-cases.json", "worker.log"}
+
+
+class OutputRefused(Exception):
+    """--out names a place the battery may not write into (it would clear a user's files)."""
+
+
+def claim_output(out: Path) -> Path:
+    """Make ``out`` the battery's folder: created when new, taken when empty or a previous run's (its marker file,
+    or, from before the marker existed, only the battery's own entries and its results.json or worker-cases.json).
+    Anything else (a file, a folder with other files) is refused: the battery clears its own subfolders of ``out``
+    on every run, and must never clear a user's."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutputRefused(f"--out {out} exists and is not a folder; give a new or empty folder")
+        entries = {p.name for p in out.iterdir()}
+        if entries and MARKER not in entries and not _previous_output(out, entries):
+            shown = ", ".join(sorted(entries - OUTPUT_ENTRIES)[:3]) or ", ".join(sorted(entries)[:3])
+            raise OutputRefused(f"--out {out} is a folder that is not a fuzz output (it holds {shown}"
+                                f"{', ...' if len(entries) > 3 else ''}); the battery replaces its own subfolders "
+                                "of --out, so give a new or empty folder, or a previous run's")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by python -m edgeface.benchmarks.fuzz: its generated folders are replaced on "
+                              "every run\n")
+    return out
+
+
+def _previous_output(out: Path, entries: set[str]) -> bool:
+    """A run from before the marker file: only the battery's entries, and a results.json or worker-cases.json of
+    its own format."""
+    if not entries <= OUTPUT_ENTRIES:
+        return False
+    for name, keys in (("results.json", {"counts", "results"}), ("worker-cases.json", {"deadline", "cases"})):
+        try:
+            data = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and keys <= set(data):
+            return True
+    return False
+
+
 def run_battery(out: str | os.PathLike, *, seconds: float = 1800, quick: bool = False, only: str | None = None,
                 memory_gb: float = 6.0, log=print) -> dict[str, Any]:
-    """Build every input, run every case, classify; write ``results.json`` and ``summary.md`` to ``out``."""
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    """Build every input, run every case, classify; write ``results.json`` and ``summary.md`` to ``out``. Raises
+    :class:`OutputRefused` for an ``out`` that is not new, empty or a previous run's (see :func:`claim_output`)."""
+    out = claim_output(Path(out).resolve())
     shutil.rmtree(out / "cases", ignore_errors=True)
+    for stale in ("worker.log", "worker-cases.json"):  # the log is appended to: start it afresh each run
+        with contextlib.suppress(FileNotFoundError):
+            (out / stale).unlink()
     t0 = time.time()
     cases, results = build_cases(out / "work", quick=quick, log=log)
     if quick:
@@ -1620,8 +1674,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args.worker[0], int(args.worker[1]))
         return 0
-    report = run_battery(args.out, seconds=args.seconds, quick=args.quick, only=args.only,
-                         memory_gb=args.memory_gb, log=lambda m: print(f"fuzz: {m}", file=sys.stderr, flush=True))
+    try:
+        report = run_battery(args.out, seconds=args.seconds, quick=args.quick, only=args.only,
+                             memory_gb=args.memory_gb, log=lambda m: print(f"fuzz: {m}", file=sys.stderr, flush=True))
+    except OutputRefused as exc:
+        print(f"fuzz: error: {exc}", file=sys.stderr)
+        return 2
     print(summary_table(report), end="")
     print(f"results: {Path(args.out) / 'results.json'}")
     return 1 if any(report["counts"].get(o) for o in FAILURES) else 0

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from edgeface.errors import EdgefaceError
 from edgeface.processing import Detections, postprocess, preprocess
 
 # Share of reference faces a candidate must find at IoU >= 0.9, and the largest mean landmark error (pixels /
@@ -123,37 +126,131 @@ def compare(reference, candidate, images: Sequence[np.ndarray]) -> ParityReport:
 
 def compare_to_reference(candidate, bundle_dir) -> ParityReport:
     """Compare a detector with the FP32 PyTorch detections stored in a bundle's ``parity/reference.json`` (for
-    devices without PyTorch: the check ``edgeface build-engine`` runs after building an engine)."""
-    import json
-    from pathlib import Path
+    devices without PyTorch: the check ``edgeface build-engine`` runs after building an engine).
 
-    from edgeface.face import LANDMARK_NAMES
+    The file is checked whole before anything runs: every record's fields and types, and each image path strictly
+    inside the bundle. Raises :class:`~edgeface.errors.EdgefaceError` in one line naming the file and the field."""
     from edgeface.images import load_image
 
-    from edgeface.errors import EdgefaceError
-    from edgeface.processing import ResizePolicy
-
-    folder = Path(bundle_dir) / "parity"
+    policy, records = read_reference(bundle_dir)
     tally = _Tally()
-    try:
-        reference = json.loads((folder / "reference.json").read_text())
-        policy = ResizePolicy.parse(reference["resize"])  # the size the reference was computed at
-        records = list(reference["images"])
-    except (ValueError, KeyError, TypeError, EdgefaceError) as exc:
-        raise EdgefaceError(f"{folder / 'reference.json'} is damaged ({exc}); re-export the bundle") from None
-    for record in records:
-        faces = record["faces"]
-        ref = Detections(
-            np.array([f["box"] for f in faces], np.float32).reshape(-1, 4),
-            np.array([f["score"] for f in faces], np.float32),
-            np.array([[f["landmarks"][n] for n in LANDMARK_NAMES] for f in faces], np.float32).reshape(-1, 5, 2))
-        image = load_image(folder / record["image"])
+    for image_path, ref in records:
+        image = load_image(image_path)
         batch, (letterbox,) = preprocess([image], policy=policy, mean_bgr=candidate.runtime.mean_bgr,
                                          pad_bgr=candidate.runtime.pad_bgr, layout=candidate.runtime.layout)
         out = candidate.runtime.infer(batch)
         tally.add(ref, postprocess(out["loc"][0], out["conf"][0], out["landmarks"][0], letterbox,
                                    anchors=candidate.anchors, score_threshold=LOOSE_THRESHOLD))
     return tally.report({})
+
+
+REFERENCE_FILE = "parity/reference.json"
+# The reference holds the faces of one photograph (a few KB); anything far larger is not one.
+MAX_REFERENCE_BYTES = 16 << 20
+
+
+def read_reference(bundle_dir) -> tuple[Any, list[tuple[Path, Detections]]]:
+    """``parity/reference.json`` of a bundle, validated: (the resize policy it was computed at, [(image file,
+    reference detections)]). Each image resolves strictly inside the bundle (no absolute path, ``..`` or symbolic
+    link out of it)."""
+    import json
+
+    from edgeface.bundle import _inside
+    from edgeface.processing import ResizePolicy
+    from edgeface.runtimes.base import first_line
+
+    root = Path(bundle_dir)
+    where = root / REFERENCE_FILE
+
+    def bad(field: str, problem: str) -> EdgefaceError:
+        return EdgefaceError(f"{where}: field {field} {problem}; re-export the bundle")
+
+    try:
+        size = where.stat().st_size
+        if size > MAX_REFERENCE_BYTES:
+            raise EdgefaceError(f"{where} is {size} bytes, not an edgeface parity reference (at most "
+                                f"{MAX_REFERENCE_BYTES}); re-export the bundle")
+        reference = json.loads(where.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON, nested too deeply
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else first_line(exc)
+        raise EdgefaceError(f"{where} cannot be read as JSON ({reason}); re-export the bundle") from None
+    if not isinstance(reference, dict):
+        raise bad("(top level)", f"is {_kind(reference)}, expected an object with resize and images")
+    if not isinstance(reference.get("resize"), str):
+        raise bad("resize", f"is {_kind(reference.get('resize'))}, expected a resize policy such as 'fixed:640x640'")
+    try:
+        policy = ResizePolicy.parse(reference["resize"])  # the size the reference was computed at
+    except EdgefaceError as exc:
+        raise bad("resize", f"is not a resize policy ({first_line(exc)})") from None
+    images = reference.get("images")
+    if not isinstance(images, list) or not images:
+        raise bad("images", f"is {_kind(images)}, expected a non-empty list of {{image, faces}} records")
+    records = []
+    for i, record in enumerate(images):
+        field = f"images[{i}]"
+        if not isinstance(record, dict):
+            raise bad(field, f"is {_kind(record)}, expected an object with image and faces")
+        name = record.get("image")
+        if not isinstance(name, str) or not name.strip() or "\0" in name:
+            raise bad(f"{field}.image", f"is {_kind(name)}, expected a file name inside parity/")
+        # Joined with pathlib: an absolute name replaces parity/ and is refused as outside the bundle, like ../
+        image_path = _inside(root, (Path("parity") / name).as_posix(), f"{REFERENCE_FILE} {field}.image")
+        records.append((image_path, _reference_faces(record.get("faces"), f"{field}.faces", bad)))
+    return policy, records
+
+
+def _reference_faces(faces: Any, field: str, bad) -> Detections:
+    """One record's faces (as :meth:`edgeface.face.Face.to_dict` writes them) as Detections."""
+    from edgeface.face import LANDMARK_NAMES
+
+    if not isinstance(faces, list):
+        raise bad(field, f"is {_kind(faces)}, expected a list of faces")
+    boxes, scores, landmarks = [], [], []
+    for j, face in enumerate(faces):
+        where = f"{field}[{j}]"
+        if not isinstance(face, dict):
+            raise bad(where, f"is {_kind(face)}, expected an object with box, score and landmarks")
+        box = face.get("box")
+        if not _numbers(box, 4) or not (box[0] < box[2] and box[1] < box[3]):
+            raise bad(f"{where}.box", f"is {_kind(box)}, expected [x1, y1, x2, y2]: 4 numbers within "
+                      f"+-{MAX_COORDINATE:g} pixels with x1 < x2 and y1 < y2")
+        score = face.get("score")
+        if not _numbers([score], 1) or not 0 <= score <= 1:
+            raise bad(f"{where}.score", f"is {_kind(score)}, expected a number from 0 to 1")
+        points = face.get("landmarks")
+        if not isinstance(points, dict):
+            raise bad(f"{where}.landmarks", f"is {_kind(points)}, expected an object with "
+                      f"{', '.join(LANDMARK_NAMES)}")
+        for landmark in LANDMARK_NAMES:
+            if not _numbers(points.get(landmark), 2):
+                raise bad(f"{where}.landmarks.{landmark}", f"is {_kind(points.get(landmark))}, expected [x, y]: "
+                          f"2 numbers within +-{MAX_COORDINATE:g} pixels")
+        boxes.append(box)
+        scores.append(score)
+        landmarks.append([points[n] for n in LANDMARK_NAMES])
+    return Detections(np.array(boxes, np.float32).reshape(-1, 4), np.array(scores, np.float32),
+                      np.array(landmarks, np.float32).reshape(-1, 5, 2))
+
+
+# Coordinates beyond this many pixels are not a photograph's (and would overflow float32).
+MAX_COORDINATE = 1e6
+
+
+def _numbers(value: Any, n: int) -> bool:
+    """``value`` is a list of ``n`` finite numbers (not booleans) within +-MAX_COORDINATE."""
+    return (isinstance(value, list) and len(value) == n
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= MAX_COORDINATE
+                    for v in value))  # NaN fails the comparison; a huge integer is compared exactly
+
+
+def _kind(value: Any) -> str:
+    """A short description of a JSON value for an error message."""
+    import json
+
+    if value is None:
+        return "missing (or null)"
+    text = repr(value) if isinstance(value, str) else json.dumps(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def _above(dets: Detections, threshold: float) -> Detections:

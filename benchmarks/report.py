@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,25 +15,142 @@ from typing import Any
 from edgeface.benchmarks.bench import SCHEMA, SCHEMA_VERSION
 from edgeface.errors import EdgefaceError
 from edgeface.files import atomic_write
+from edgeface.runtimes.base import first_line
 
 # AP as a fraction (0-1), as WIDER FACE publishes it; its change against FP32 PyTorch in AP points (1 point = 0.01),
 # as the README states targets. threads and cores tell apart runs of one device.
 COLUMNS = ("device", "board", "artifact", "target", "precision", "runtime", "threads", "cores", "size_mb",
            "ap_images", "ap_easy", "ap_medium", "ap_hard", "delta_easy_pts", "delta_medium_pts", "delta_hard_pts",
            "latency_size", "p50_ms", "infer_p50_ms", "fps", "status", "reason")
+CSV_HEADER = ",".join(COLUMNS[:3])  # how a bench table written by to_csv starts
 
 
 def load_report(path: str | os.PathLike) -> dict[str, Any]:
+    """A ``bench.json`` record, checked: readable JSON, an object of the edgeface.bench schema at this version, and
+    every field the tables and plots read of the type ``edgeface bench`` writes. Raises
+    :class:`~edgeface.errors.EdgefaceError` in one line naming the file (and the field)."""
+    path = Path(path)
+    expected = "expected a bench.json written by `edgeface bench`"
     try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise EdgefaceError(f"cannot read bench report {path}: {exc}") from None
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # missing, a folder, permissions; a binary file
+        raise EdgefaceError(f"cannot read bench report {path}: {first_line(exc)} ({expected})") from None
+    if not text.strip():
+        raise EdgefaceError(f"bench report {path} is empty; {expected}")
+    for start, kind in ((CSV_HEADER, "CSV"), ("| device |", "Markdown"), ("# edgeface bench", "Markdown")):
+        if text.lstrip().startswith(start):
+            raise EdgefaceError(f"{path} is a bench table ({kind}), not a bench report; merge the bench.json files "
+                                "that `edgeface bench` writes beside the tables")
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else first_line(exc)
+        raise EdgefaceError(f"bench report {path} is not valid JSON ({reason}); {expected}") from None
+    if not isinstance(record, dict):
+        raise EdgefaceError(f"bench report {path} holds {_describe(record)}, not a JSON object; {expected}")
     if record.get("schema") != SCHEMA:
-        raise EdgefaceError(f"{path} is not an edgeface bench report (schema {record.get('schema')!r})")
+        raise EdgefaceError(f"{path} is not an edgeface bench report (schema {_short(record.get('schema'))}, "
+                            f"expected {SCHEMA!r})")
     if record.get("schema_version") != SCHEMA_VERSION:
-        raise EdgefaceError(f"{path}: bench report schema version {record.get('schema_version')} is not "
+        raise EdgefaceError(f"{path}: bench report schema version {_short(record.get('schema_version'))} is not "
                             f"{SCHEMA_VERSION}; re-run `edgeface bench` with this version")
+    problem = _check(record, REPORT_FIELDS, "")
+    if problem:
+        raise EdgefaceError(f"bench report {path}: {problem} (as `edgeface bench` writes it); re-run the bench or "
+                            "fix the file")
     return record
+
+
+# What the tables (rows, header) and plots read of a record, with the types `edgeface bench` writes. A dict maps
+# field -> spec; {"*": spec} is a mapping of any keys; a one-item list is a list of that; a tuple holds the types
+# allowed; "!" after a field name marks it required. Other fields are not read and not checked.
+_NUM, _TEXT, _NONE = (int, float), (str,), (type(None),)
+_MS = {"p50!": _NUM, "p90": _NUM, "p99": _NUM}
+_LATENCY = {"size!": _TEXT, "image": ([int], *_NONE), "input": ([int], *_NONE), "total_ms!": _MS,
+            "infer_ms": (_MS, *_NONE), "pre_ms": (_MS, *_NONE), "post_ms": (_MS, *_NONE), "fps": (*_NUM, *_NONE)}
+_ACCURACY = {"num_images": (int, *_NONE), "ap": {"*": _NUM}, "delta_ap": ({"*": (*_NUM, *_NONE)}, *_NONE),
+             "pr_curves": {"*": [[_NUM]]}}
+_RESULT = {"name!": _TEXT, "status": (str, *_NONE), "target": (str, *_NONE), "precision": (str, *_NONE),
+           "runtime": ({"runtime": (str, *_NONE)}, str, *_NONE), "size_bytes": (*_NUM, *_NONE),
+           "reason": (str, *_NONE), "latency": ([_LATENCY], *_NONE), "accuracy": (_ACCURACY, *_NONE)}
+REPORT_FIELDS = {
+    "created": _TEXT,
+    "device!": {"hostname": (str, *_NONE), "board": (str, *_NONE), "cores": (int, *_NONE), "cpu": (str, *_NONE),
+                "os": (str, *_NONE), "gpu": (str, *_NONE), "libraries": ({"*": (str, *_NONE)}, *_NONE)},
+    "settings": ({"threads": (int, *_NONE), "cpus": ([int], *_NONE), "sizes": ([str], *_NONE),
+                  "warmup": (int, *_NONE), "iters": (int, *_NONE), "limit": (int, *_NONE),
+                  "baseline": (str, *_NONE)}, *_NONE),
+    "results!": [_RESULT],
+}
+_TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", type(None): "null", dict: "an object",
+               list: "a list"}
+
+
+def _check(value: Any, spec: Any, field: str) -> str | None:
+    """The first place where ``value`` does not match ``spec`` (see REPORT_FIELDS), as "field X is ..., expected
+    ...", or None."""
+    options = spec if isinstance(spec, tuple) else (spec,)
+    for option in options:
+        if isinstance(option, dict) and isinstance(value, dict):
+            return _check_object(value, option, field)
+        if isinstance(option, list) and isinstance(value, list):
+            for i, item in enumerate(value):
+                problem = _check(item, option[0], f"{field}[{i}]")
+                if problem:
+                    return problem
+            return None
+        if isinstance(option, type) and isinstance(value, option) and not (isinstance(value, bool)
+                                                                            and option is not bool):
+            if option in (int, float) and not _in_float_range(value):
+                # Infinity, or an integer no float holds: the tables and plots could not use it
+                return f"field {field or '(top level)'} is {_describe(value)}, expected a finite number"
+            return None
+    names = dict.fromkeys(_TYPE_NAMES[o if isinstance(o, type) else type(o)] for o in options)
+    if "a number" in names:
+        names.pop("a whole number", None)
+    wanted = " or ".join(names)
+    return f"field {field or '(top level)'} is {_describe(value)}, expected {wanted}"
+
+
+def _in_float_range(value: float) -> bool:
+    try:
+        return not math.isinf(float(value))  # NaN passes: bench writes it for an AP it could not compute
+    except OverflowError:
+        return False
+
+
+def _check_object(value: dict, spec: dict, field: str) -> str | None:
+    prefix = f"{field}." if field else ""
+    if "*" in spec:
+        for key, item in value.items():
+            problem = _check(item, spec["*"], f"{prefix}{key}")
+            if problem:
+                return problem
+        return None
+    for key, item_spec in spec.items():
+        name = key.rstrip("!")
+        if name not in value:
+            if key.endswith("!"):
+                return f"field {prefix}{name} is missing"
+            continue
+        problem = _check(value[name], item_spec, f"{prefix}{name}")
+        if problem:
+            return problem
+    return None
+
+
+def _describe(value: Any) -> str:
+    """A JSON value for an error message: its kind and its (shortened) text."""
+    if isinstance(value, bool):
+        return f"the boolean {_short(value)}"
+    if value is None:
+        return "null"
+    return f"{_TYPE_NAMES.get(type(value), type(value).__name__)} {_short(value)}"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def rows(record: dict[str, Any]) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -40,8 +41,11 @@ class Detector:
 
     One Detector may be shared by threads (a web server, a camera pipeline): onnxruntime and torch run calls in
     parallel; tflite, tensorrt and coreml run one call at a time (see :class:`~edgeface.runtimes.base.Runtime`);
-    open one Detector per thread for parallel speed on those. Raises :class:`~edgeface.errors.EdgefaceError` for a resize policy a fixed-size model cannot
-    run.
+    open one Detector per thread for parallel speed on those.
+
+    Raises :class:`~edgeface.errors.EdgefaceError` for a device the runtime does not take, a resize policy a
+    fixed-size model cannot run, or a bundle that fails its self-check; a runtime the Detector opened is closed
+    before the error propagates (one passed in as ``runtime=`` stays the caller's).
     """
 
     def __init__(
@@ -64,13 +68,25 @@ class Detector:
     ) -> None:
         from edgeface.runtimes import Runtime, open_runtime
 
-        if isinstance(runtime, Runtime):
-            self.runtime = runtime
-        else:
+        opened = not isinstance(runtime, Runtime)  # a Runtime the caller passed stays the caller's to close
+        if opened:
             options = {"device": device, "threads": threads}
             if model is None and runtime in (None, "torch"):
                 options.update(weights=weights, backbone=backbone, negative_slope=negative_slope)
-            self.runtime = open_runtime(runtime, model=model, **options)
+            runtime = open_runtime(runtime, model=model, **options)
+        self.runtime = runtime
+        with contextlib.ExitStack() as on_failure:
+            if opened:
+                # Refused after opening (a resize the model cannot run, a failed self-check, Ctrl-C during it): the
+                # native session is released before the error propagates. Kept on success (pop_all below).
+                on_failure.callback(runtime.close)
+            self._setup(model, resize, default_resize, score_threshold, nms_threshold, top_k, keep_top_k,
+                        self_check)
+            on_failure.pop_all()
+
+    def _setup(self, model, resize, default_resize, score_threshold, nms_threshold, top_k, keep_top_k,
+               self_check) -> None:
+        """Everything after the runtime is open: the input policy, thresholds and the bundle's self-check."""
         native = self.runtime.resize
         if resize is None:  # a model that takes any size declares "original"; the default suits photographs
             resize = default_resize if native.mode == "original" else native

@@ -104,15 +104,15 @@ def export_bundle(
         if not sample_paths:
             raise EdgefaceError("INT8 needs calibration images: pass --calib DIR (real photographs with faces; "
                                 "the shared WIDER FACE images are used when ../shared is present)")
-        images = _readable_images(spread(sample_paths, calib_n), log)
-        if not images:
-            raise EdgefaceError(f"none of the calibration images under {image_dir} could be read; pass --calib DIR "
-                                "with real photographs (JPEG/PNG)")
-        log(f"calibrating on {len(images)} images from {image_dir}")
-        calibration = tuple(preprocess([image], policy=calibration_policy, mean_bgr=model.config.mean_bgr)[0]
-                            for image in images)
+        chosen = spread(sample_paths, calib_n)
+        calibration, faces_found = calibration_tensors(model, chosen, calibration_policy, log,
+                                                       count_faces=bool(calib))
+        if not calibration:
+            raise EdgefaceError(f"none of the {len(chosen)} calibration images under {image_dir} could be read; "
+                                "pass --calib DIR with real photographs (JPEG/PNG)")
+        log(f"calibrating on {len(calibration)} images from {image_dir}")
         if calib:
-            faces_found = _check_calibration_faces(model, calibration_policy, images, log)
+            _warn_few_faces(faces_found, len(calibration), log)
     request = ExportRequest(target=target, precision=precision, input_hw=input_hw, dynamic_batch=dynamic,
                             opset=opset, calibration=calibration,
                             calibration_source=str(image_dir) if calibration else "", options=dict(options or {}),
@@ -151,15 +151,34 @@ def export_bundle(
     return load_bundle(out)
 
 
-def _readable_images(paths: list[Path], log) -> list[np.ndarray]:
-    """The images that decode; each one that does not is reported and skipped."""
-    images = []
+def calibration_tensors(model, paths: list[Path], policy: ResizePolicy, log, *, count_faces: bool = False
+                        ) -> tuple[tuple[np.ndarray, ...], int]:
+    """The INT8 calibration inputs: each image read, pre-processed to the network input and dropped, one at a
+    time, so memory holds only input-sized tensors (a folder of 12-megapixel photos is not decoded all at once).
+    An image that cannot be read (missing, unreadable, not an image, truncated, over the pixel limit) is skipped
+    with one line naming it. With ``count_faces``, also how many of the read images hold a face the FP32 model
+    finds (:func:`_warn_few_faces`)."""
+    from edgeface.runtimes.base import first_line
+
+    detector = None
+    if count_faces:
+        from edgeface.benchmarks.parity import SCORE_THRESHOLD
+
+        detector = torch_detector(model, policy, score_threshold=SCORE_THRESHOLD)
+    tensors, with_faces = [], 0
     for path in paths:
         try:
-            images.append(load_image(path))
-        except EdgefaceError as exc:
-            log(f"skipping a calibration image: {exc}")
-    return images
+            image = load_image(path)
+        except (EdgefaceError, OSError, ValueError, cv2.error) as exc:  # EdgefaceError names the file; others may not
+            reason = first_line(exc)
+            log(f"skipping calibration image {path}: {reason}" if str(path) not in reason
+                else f"skipping a calibration image: {reason}")
+            continue
+        tensors.append(preprocess([image], policy=policy, mean_bgr=model.config.mean_bgr)[0])
+        if detector is not None:
+            with_faces += bool(detector.detect(image))
+        del image
+    return tuple(tensors), with_faces
 
 
 def torch_detector(model, policy: ResizePolicy, **thresholds):
@@ -202,18 +221,15 @@ def parity_images() -> list[np.ndarray]:
     return images
 
 
-def _check_calibration_faces(model, policy: ResizePolicy, images: list[np.ndarray], log) -> int:
-    """How many calibration images hold a face the FP32 model finds; warns when few do: INT8 ranges taken on
-    images without faces lose them (measured: 8 black images gave an INT8 model that matched 69% of faces)."""
+def _warn_few_faces(with_faces: int, images: int, log) -> None:
+    """Warns when few calibration images hold a face the FP32 model finds: INT8 ranges taken on images without
+    faces lose them (measured: 8 black images gave an INT8 model that matched 69% of faces)."""
     from edgeface.benchmarks.parity import SCORE_THRESHOLD
 
-    detector = torch_detector(model, policy, score_threshold=SCORE_THRESHOLD)
-    with_faces = sum(bool(detector.detect(image)) for image in images)
-    if with_faces < CALIBRATION_FACE_SHARE * len(images):
-        log(f"warning: only {with_faces} of {len(images)} calibration images hold a face the FP32 model finds "
+    if with_faces < CALIBRATION_FACE_SHARE * images:
+        log(f"warning: only {with_faces} of {images} calibration images hold a face the FP32 model finds "
             f"(score >= {SCORE_THRESHOLD}); INT8 ranges calibrated without faces lose accuracy: calibrate on real "
             "photographs with faces like the ones the model will see")
-    return with_faces
 
 
 def _parity(bundle_dir: Path, model, precision: str, not_runnable: str | None, log) -> dict[str, Any]:
@@ -225,9 +241,11 @@ def _parity(bundle_dir: Path, model, precision: str, not_runnable: str | None, l
         return {"status": "skipped", "reason": not_runnable}
     candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir), default_resize="original",
                          self_check=False)  # the full parity check follows
-    reference = torch_detector(model, candidate.resize)
-    report = compare(reference, candidate, parity_images()).check(precision)
-    candidate.close()
+    try:  # closed on every path: a failed comparison must not keep the artifact's session open
+        reference = torch_detector(model, candidate.resize)
+        report = compare(reference, candidate, parity_images()).check(precision)
+    finally:
+        candidate.close()
     log(f"parity: {report.summary()}")
     if not report.passed:
         raise EdgefaceError(
@@ -253,8 +271,11 @@ def _evaluate(bundle_dir: Path, model, not_runnable: str | None, spec: dict[str,
     gt = load_ground_truth(spec["gt"])
     candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir), self_check=False, **WIDER_SETTINGS)
     log(f"WIDER FACE evaluation of the artifact ({candidate.resize})")
-    ours = evaluate_detector(candidate.detect_arrays, spec["images"], gt, limit=spec.get("limit"), progress=progress)
-    candidate.close()
+    try:
+        ours = evaluate_detector(candidate.detect_arrays, spec["images"], gt, limit=spec.get("limit"),
+                                 progress=progress)
+    finally:
+        candidate.close()
     base_ap = fp32_baseline(model, candidate.resize, spec, gt, progress, log)
     delta = {k: round(ours.ap[k] - base_ap[k], 5) for k in ours.ap}
     log("AP " + ", ".join(f"{k} {ours.ap[k]:.4f} ({delta[k]:+.4f} vs fp32)" for k in ours.ap))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
-import re
 from typing import Any
 
 from edgeface.bundle import load_bundle
@@ -57,19 +56,21 @@ def open_runtime(runtime: str | None = None, *, model: str | os.PathLike | None 
     """Open ``model`` (a bundle directory) with ``runtime`` (default: the one for the bundle's target); without
     a bundle, the torch runtime on ``weights=...``."""
     device, threads = options.get("device"), options.get("threads")
-    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
-        raise EdgefaceError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
-    if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS):
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= MAX_THREADS):
         raise EdgefaceError(f"threads {threads!r}: give a whole number 1-{MAX_THREADS}")
+    if runtime is not None:  # an unknown name or device before the bundle is read
+        get_runtime_class(runtime).check_device(device)
     bundle = load_bundle(model) if model is not None else None
     if runtime is None:
         runtime = DEFAULT_FOR_TARGET[bundle.manifest.target] if bundle else "torch"
+    cls = get_runtime_class(runtime)
+    cls.check_device(device)  # each runtime takes its own devices (Core ML compute units, onnxruntime providers)
     if bundle is None and runtime != "torch":
-        get_runtime_class(runtime)  # an unknown name first
         raise EdgefaceError(f"the {runtime} runtime needs a bundle (--model DIR made by `edgeface export`)")
     if bundle is not None:
         check_runs(runtime, bundle)
-    return get_runtime_class(runtime).open(bundle, **options)
+    return cls.open(bundle, **options)
 
 
 __all__ = ["Runtime", "list_runtimes", "get_runtime_class", "open_runtime", "runtimes_for", "check_runs",

@@ -4,6 +4,7 @@ Pre- and post-processing stay in :mod:`edgeface.processing`, shared by all."""
 
 from __future__ import annotations
 
+import re
 import threading
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -34,11 +35,22 @@ class Runtime(ABC):
     targets: ClassVar[tuple[str, ...]] = ()
     # Whether infer() may run in several threads at once; False: calls are serialised under self.lock.
     concurrent: ClassVar[bool] = True
+    # The ``device`` values this runtime accepts (:meth:`check_device`); "cuda:N" stands for cuda:0, cuda:1, ...
+    # "cpu" is every command's default (``--device cpu``), so every runtime takes it.
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
 
     def __init__(self, manifest: Manifest, *, source: str) -> None:
         self.manifest = manifest
         self.source = source  # bundle path or checkpoint, for reports
         self.lock = threading.Lock()
+
+    @classmethod
+    def check_device(cls, device: Any) -> None:
+        """Refuse a ``device`` this runtime does not take, in one line naming the ones it does."""
+        if device is None or _device_matches(str(device), cls.devices):
+            return
+        raise EdgefaceError(f"unknown device {device!r} for the {cls.name} runtime: use "
+                            f"{', '.join(cls.devices)}")
 
     @classmethod
     @abstractmethod
@@ -88,6 +100,16 @@ class Runtime(ABC):
         self.close()
 
 
+def _device_matches(device: str, accepted: tuple[str, ...]) -> bool:
+    for name in accepted:
+        if name.endswith(":N"):
+            if re.fullmatch(re.escape(name[:-1]) + r"\d+", device):
+                return True
+        elif device == name:
+            return True
+    return False
+
+
 def quantize(batch: np.ndarray, quantization: dict[str, float], dtype: str) -> np.ndarray:
     """float -> integer tensor of a fully quantised model (real = scale * (q - zero_point))."""
     info = np.iinfo(np.dtype(dtype))
@@ -115,6 +137,6 @@ def require(module: str, extra: str, purpose: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise EdgefaceError(
-            f"{purpose} needs the Python package providing '{module}' ({exc}); install it with "
+            f"{purpose} needs the Python package providing '{module}' ({first_line(exc)}); install it with "
             f"`pip install edgeface[{extra}]`"
         ) from None

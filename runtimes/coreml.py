@@ -15,7 +15,7 @@ import numpy as np
 
 from edgeface.bundle import Bundle
 from edgeface.errors import EdgefaceError
-from edgeface.runtimes.base import OUTPUTS, Runtime, require
+from edgeface.runtimes.base import OUTPUTS, Runtime, first_line, require
 
 COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE",
                  # short forms
@@ -36,7 +36,7 @@ def _compute_units(ct, compute_units: Any, device: str | None):
     if isinstance(compute_units, ct.ComputeUnit):
         return compute_units
     wanted = compute_units
-    if wanted is None and device and device.lower() not in ("cpu",) and not device.lower().startswith("cuda"):
+    if wanted is None and device and device.lower() != "cpu":
         wanted = device
     if wanted is None:
         return ct.ComputeUnit.ALL
@@ -55,6 +55,12 @@ class CoreMLRuntime(Runtime):
     name = "coreml"
     targets = ("coreml",)
     concurrent = False  # one MLModel predicts for one caller at a time; calls take turns under self.lock
+    # Core ML compute units by name (any case); "cpu", every command's default, does not restrict them.
+    devices = ("cpu", *(k for k in COMPUTE_UNITS if k != "cpu"))
+
+    @classmethod
+    def check_device(cls, device: Any) -> None:
+        super().check_device(None if device is None else str(device).lower())
 
     def __init__(self, bundle: Bundle, *, compute_units: Any = None, device: str | None = None) -> None:
         ct = require("coremltools", "coreml", "Running Core ML bundles")
@@ -68,7 +74,7 @@ class CoreMLRuntime(Runtime):
         try:
             self.model = ct.models.MLModel(str(bundle.file()), compute_units=self.compute_units)
         except Exception as exc:  # coremltools raises plain Exceptions (compile / load failures)
-            raise EdgefaceError(f"Core ML could not load {bundle.file()} ({exc})") from None
+            raise EdgefaceError(f"Core ML could not load {bundle.file()} ({first_line(exc)})") from None
 
     @classmethod
     def open(cls, bundle: Bundle | None, *, compute_units: Any = None, device: str | None = None,

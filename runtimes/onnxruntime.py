@@ -24,6 +24,8 @@ class OnnxRuntime(Runtime):
     name = "onnxruntime"
     targets = ("onnx", "tensorrt")  # a tensorrt bundle carries its ONNX (the engine is built on the device)
     concurrent = True  # InferenceSession.run is thread-safe
+    # cpu, cuda / cuda:N (the CUDA provider) or another execution provider by its short name (see PROVIDERS)
+    devices = ("cpu", "cuda", "cuda:N", *(p for p in PROVIDERS if p not in ("cpu", "cuda")))
 
     def __init__(self, bundle: Bundle, *, providers: list[str] | None = None, threads: int | None = None) -> None:
         import onnxruntime as ort

@@ -19,6 +19,9 @@ class TensorRTRuntime(Runtime):
     # One execution context with its bound buffers and input shape: calls take turns under self.lock (one
     # context per thread would need its own optimisation profile).
     concurrent = False
+    # The engine runs on the GPU (buffers on torch's "cuda", GPU 0); "cpu", every command's default, is accepted
+    # and changes nothing.
+    devices = ("cpu", "cuda", "cuda:0")
 
     def __init__(self, bundle: Bundle) -> None:
         super().__init__(bundle.manifest, source=str(bundle.path))

@@ -26,7 +26,7 @@ def interpreter_module() -> tuple[Any, str]:
         try:
             return importlib.import_module(module), dist
         except (ImportError, AttributeError) as exc:  # tflite-runtime built for numpy 1 fails so under numpy 2
-            failures.append(f"{module}: {exc}")
+            failures.append(f"{module}: {first_line(exc)}")
     raise EdgefaceError(
         "running TFLite bundles needs a TFLite interpreter (" + "; ".join(failures) + "); install one with "
         "`pip install edgeface[tflite]` (LiteRT), or on a Raspberry Pi `pip install tflite-runtime` "
@@ -68,6 +68,7 @@ class TFLiteRuntime(Runtime):
     # One interpreter holds one set of input/output buffers: set_tensor / invoke / get_tensor from two threads
     # interleave (or fail with "There is at least 1 reference to internal data"), so calls take turns.
     concurrent = False
+    devices = ("cpu",)  # XNNPACK on the CPU
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None, xnnpack: bool = True) -> None:
         super().__init__(bundle.manifest, source=str(bundle.path))

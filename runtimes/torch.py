@@ -17,6 +17,7 @@ class TorchRuntime(Runtime):
     name = "torch"
     targets = ()  # runs checkpoints (weights=...), not bundles
     concurrent = True  # an eval-mode forward under inference_mode keeps no state between calls
+    devices = ("cpu", "cuda", "cuda:N")
 
     def __init__(self, network: RetinaFace, *, device: str = "cpu", resize: str = "original") -> None:
         manifest = manifest_for_model(network, target="torch", precision="fp32", files={},
