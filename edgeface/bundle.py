@@ -5,22 +5,28 @@ decode rules) from the manifest; nothing is guessed from tensor shapes.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import math
 import os
+import re
+import secrets
 import shutil
+import stat
+import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jsonschema
 
 from edgeface.errors import EdgefaceError
 from edgeface.face import LANDMARK_NAMES
-from edgeface.files import atomic_write, sha256_file
+from edgeface.files import _umask, atomic_write, sha256_file
 
 SCHEMA = "edgeface.bundle"
 SCHEMA_VERSION = 1
@@ -132,13 +138,18 @@ class Bundle:
 
 
 # A manifest is a few KB; anything far larger is not one (and would cost memory to parse).
-MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB
 # What each target's model file is; a manifest naming another kind of file is refused.
 MODEL_SUFFIX = {"onnx": ".onnx", "tensorrt": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage"}
 # Files an operating system drops into folders by itself; they are not part of a bundle and are ignored.
 OS_LITTER = {".DS_Store", "Thumbs.db", "desktop.ini"}
 # Optional part of a bundle: may be removed without making the bundle refuse to load.
 OPTIONAL_PREFIX = "parity/"
+# Element types that carry an affine quantisation (scale, zero_point), with the range of their values; float
+# tensors never carry one.
+INTEGER_DTYPES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
+# The TensorRT builder flags of each precision, as the export writes them and build-engine sets them.
+TENSORRT_BUILDER_FLAGS = {"fp32": [], "fp16": ["FP16"], "int8": ["INT8", "FP16"]}
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,6 +168,38 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+class _NotFinite:
+    """A JSON number beyond a 64-bit float (``1e400`` parses as infinity): kept as its text, so that the field
+    holding it can be named."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _parse_float(text: str) -> float | _NotFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NotFinite(text)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _not_finite(data: Any) -> tuple[list, str] | None:
+    """The path and text of the first number in ``data`` that is not a finite float (walked without recursion:
+    a manifest may be nested as deeply as the JSON parser allows)."""
+    stack: list[tuple[list, Any]] = [([], data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, _NotFinite):
+            return path, value.text
+        if isinstance(value, dict):
+            stack.extend((path + [k], v) for k, v in reversed(list(value.items())))
+        elif isinstance(value, list):
+            stack.extend((path + [i], v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
 def read_manifest(manifest_file: Path) -> dict[str, Any]:
     """Parse and validate ``manifest.json`` against its versioned JSON schema
     (``edgeface/schemas/manifest-v1.schema.json``) and the rules that tie its fields together.
@@ -166,12 +209,18 @@ def read_manifest(manifest_file: Path) -> dict[str, Any]:
     where = f"{manifest_file}"
     if manifest_file.stat().st_size > MAX_MANIFEST_BYTES:
         raise EdgefaceError(f"{where} is {manifest_file.stat().st_size} bytes, not an edgeface manifest (at most "
-                            f"{MAX_MANIFEST_BYTES}); re-export the bundle")
+                            f"{MAX_MANIFEST_BYTES} bytes, 1 MiB); re-export the bundle")
     try:
-        data = json.loads(manifest_file.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+        data = json.loads(manifest_file.read_bytes().decode("utf-8"), parse_float=_parse_float,
+                          parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:120]
         raise EdgefaceError(f"{where} is not valid JSON ({reason}); re-export the bundle") from None
+    huge = _not_finite(data)
+    if huge is not None:
+        path, text = huge
+        raise EdgefaceError(f"{where}: field {_field(path)} is {text[:40]}, which is not a finite number (beyond "
+                            "the range of a 64-bit float); re-export the bundle")
     if not isinstance(data, dict):
         raise EdgefaceError(f"{where} holds a JSON {type(data).__name__}, expected an object; re-export the bundle")
     if data.get("schema") != SCHEMA:
@@ -183,7 +232,7 @@ def read_manifest(manifest_file: Path) -> dict[str, Any]:
             f"(supports {SCHEMA_VERSION}); re-export the bundle or upgrade edgeface")
     error = jsonschema.exceptions.best_match(_schema_validator().iter_errors(data))
     if error is not None:
-        if error.validator == "pattern" and "description" in error.schema:
+        if error.validator in ("pattern", "type", "const", "enum") and "description" in error.schema:
             expected = f"{_short(error.instance)}, expected {error.schema['description']}"
         else:
             expected = error.message if len(error.message) <= 160 else _expectation(error)
@@ -195,10 +244,6 @@ def read_manifest(manifest_file: Path) -> dict[str, Any]:
     return data
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def _expectation(error) -> str:
     keyword, value = error.validator, error.validator_value
     return f"{_short(error.instance)} fails {keyword!r} {_short(value)}"
@@ -206,6 +251,11 @@ def _expectation(error) -> str:
 
 def _inconsistency(m: dict[str, Any]) -> str | None:
     """The rules a schema cannot state: fields that must agree with each other."""
+    return (_output_problem(m) or _quantization_problem(m) or _shape_problem(m) or _dynamic_problem(m)
+            or _decode_problem(m) or _files_problem(m) or _target_info_problem(m))
+
+
+def _output_problem(m: dict[str, Any]) -> str | None:
     names = [o["name"] for o in m["outputs"]]
     if sorted(names) != sorted(OUTPUT_MEANINGS):
         return f"field outputs names {names}, expected loc, conf and landmarks once each"
@@ -213,37 +263,192 @@ def _inconsistency(m: dict[str, Any]) -> str | None:
         k = {"loc": 4, "conf": 2, "landmarks": 10}[out["name"]]
         if out["shape"][2] != k:
             return f"field outputs[{index}].shape[2] is {_short(out['shape'][2])}, expected {k} for {out['name']}"
+    return None
+
+
+def _quantization_problem(m: dict[str, Any]) -> str | None:
+    """Integer tensors need their scale and zero point, with the zero point a value of the type (that float
+    tensors carry none is in the schema)."""
     for index, spec in enumerate([m["input"], *m["outputs"]]):
-        if spec["dtype"] in ("int8", "uint8") and not spec.get("quantization"):
-            field = "input" if index == 0 else f"outputs[{index - 1}]"
-            return f"field {field}.quantization is missing, expected scale and zero_point for a {spec['dtype']} tensor"
+        field = "input" if index == 0 else f"outputs[{index - 1}]"
+        quantization, dtype = spec.get("quantization"), spec["dtype"]
+        if dtype in INTEGER_DTYPES and not quantization:
+            return f"field {field}.quantization is missing, expected scale and zero_point for a {dtype} tensor"
+        if quantization and dtype in INTEGER_DTYPES:
+            low, high = INTEGER_DTYPES[dtype]
+            if not low <= quantization["zero_point"] <= high:
+                return (f"field {field}.quantization.zero_point {quantization['zero_point']} is outside the {dtype} "
+                        f"range {low}..{high}")
+    return None
+
+
+def _input_dims(m: dict[str, Any]) -> dict[str, int | str]:
+    """The input's batch, channels, height and width, read where ``layout`` puts them."""
     shape, layout = m["input"]["shape"], m["input"]["layout"]
-    channels, (h, w) = (shape[1], shape[2:4]) if layout == "NCHW" else (shape[3], shape[1:3])
-    if channels != 3:
-        return f"field input.shape {shape} has {_short(channels)} channels where layout {layout} puts them, expected 3"
+    n, c, h, w = shape if layout == "NCHW" else (shape[0], shape[3], shape[1], shape[2])
+    return {"batch": n, "channels": c, "height": h, "width": w}
+
+
+def _shape_problem(m: dict[str, Any]) -> str | None:
+    """Channels, dimension names and the resize policy where the layout puts them; outputs of the input's batch
+    with one row per prior."""
+    from edgeface.processing import INPUT_MULTIPLE, AnchorSpec
+
+    shape, layout = m["input"]["shape"], m["input"]["layout"]
+    dims = _input_dims(m)
+    if dims["channels"] != 3:
+        return (f"field input.shape {shape} has {_short(dims['channels'])} channels where layout {layout} puts them, "
+                "expected 3")
+    for dim in ("batch", "height", "width"):
+        if isinstance(dims[dim], str) and dims[dim] != dim:
+            index = {"NCHW": {"batch": 0, "height": 2, "width": 3}, "NHWC": {"batch": 0, "height": 1, "width": 2}}
+            return (f"field input.shape[{index[layout][dim]}] is {dims[dim]!r} where layout {layout} puts the {dim}, "
+                    f"expected an integer or {dim!r}")
+    h, w = dims["height"], dims["width"]
     resize = m["preprocessing"]["resize"]
     if resize.startswith("fixed:"):
         fixed = [int(v) for v in resize[6:].split("x")]
         if [h, w] != fixed:
             return f"field preprocessing.resize {resize!r} does not match input.shape {shape} ({layout})"
-    elif isinstance(h, int) or isinstance(w, int) or not {"height", "width"} <= set(m.get("dynamic") or {}):
+        if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
+            return (f"field preprocessing.resize {resize!r}: a fixed input size is a multiple of {INPUT_MULTIPLE} on "
+                    "both sides (the largest anchor step)")
+    elif isinstance(h, int) or isinstance(w, int):
         return f"field preprocessing.resize 'original' needs dynamic height and width, but input.shape is {shape}"
-    if isinstance(shape[0], str) and "batch" not in (m.get("dynamic") or {}):
-        return f"field input.shape[0] is {shape[0]!r} but dynamic has no batch range"
-    for dim, (low, opt, high) in (m.get("dynamic") or {}).items():
+    a = m["decode"]["anchors"]
+    static = isinstance(h, int) and isinstance(w, int)
+    if static and len(a["steps"]) == len(a["min_sizes"]):
+        priors: int | str = AnchorSpec(tuple(tuple(s) for s in a["min_sizes"]), tuple(a["steps"]),
+                                       tuple(a["variance"])).num_priors((h, w))
+    else:
+        priors = "priors" if not static else None
+    for index, out in enumerate(m["outputs"]):
+        if out["shape"][0] != dims["batch"]:
+            return (f"field outputs[{index}].shape[0] is {_short(out['shape'][0])}, expected the input's batch "
+                    f"{_short(dims['batch'])}")
+        if priors is not None and out["shape"][1] != priors:
+            what = (f"{priors} (the priors of a {h}x{w} input)" if isinstance(priors, int)
+                    else "'priors' (the input size is dynamic)")
+            return f"field outputs[{index}].shape[1] is {_short(out['shape'][1])}, expected {what}"
+    return None
+
+
+def _dynamic_problem(m: dict[str, Any]) -> str | None:
+    """``dynamic`` gives a [min, opt, max] range for exactly the input dimensions that are named, not numbers."""
+    dims = _input_dims(m)
+    dynamic = m.get("dynamic") or {}
+    for dim in ("batch", "height", "width"):
+        named = isinstance(dims[dim], str)
+        if named and dim not in dynamic:
+            return f"field input.shape gives the {dim} as {dims[dim]!r}, but dynamic has no {dim} range"
+        if not named and dim in dynamic:
+            return (f"field dynamic.{dim} is a range, but input.shape fixes the {dim} at {dims[dim]}: give "
+                    f"{dim!r} in input.shape or remove dynamic.{dim}")
+    for dim, (low, opt, high) in dynamic.items():
         if not low <= opt <= high:
             return f"field dynamic.{dim} {[low, opt, high]} is not [min, opt, max] with min <= opt <= max"
+    return None
+
+
+def _decode_problem(m: dict[str, Any]) -> str | None:
     anchors = m["decode"]["anchors"]
     if len(anchors["steps"]) != len(anchors["min_sizes"]):
         return (f"field decode.anchors.steps has {len(anchors['steps'])} levels but min_sizes has "
                 f"{len(anchors['min_sizes'])}")
-    if m["preprocessing"]["mean_in_graph"] and m["target"] != "coreml":
-        return (f"field preprocessing.mean_in_graph is true, but only Core ML image inputs subtract the mean in the "
-                f"model; the model of a {m['target']} bundle takes the mean-subtracted input")
+    image_input = m["target"] == "coreml" and m.get("target_info", {}).get("input_type") == "image"
+    if m["preprocessing"]["mean_in_graph"] != image_input:
+        if image_input:
+            return ("field preprocessing.mean_in_graph is false, but target_info.input_type is 'image': a Core ML "
+                    "image input subtracts the mean in the model")
+        return (f"field preprocessing.mean_in_graph is true, but only Core ML image inputs (target coreml, "
+                f"target_info.input_type 'image') subtract the mean in the model; the model of this {m['target']} "
+                "bundle takes the mean-subtracted input")
+    return None
+
+
+def _files_problem(m: dict[str, Any]) -> str | None:
     model = m["files"]["model"]
     if not model.endswith(MODEL_SUFFIX[m["target"]]) or model.startswith(OPTIONAL_PREFIX):
         return (f"field files.model {model!r} is not the model file of a {m['target']} bundle "
                 f"(*{MODEL_SUFFIX[m['target']]})")
+    engine = m["files"].get("engine")
+    if engine is not None and (m["target"] != "tensorrt" or not engine.endswith(".engine")
+                               or engine.startswith(OPTIONAL_PREFIX)):
+        return (f"field files.engine {engine!r}: only a tensorrt bundle has an engine file (*.engine, written by "
+                "`edgeface build-engine`)")
+    return None
+
+
+def _target_info_problem(m: dict[str, Any]) -> str | None:
+    """What ``target_info`` states about the model against the input and outputs it describes."""
+    info = m.get("target_info") or {}
+    if m["target"] == "tflite":
+        return _tflite_problem(m, info)
+    if m["target"] == "coreml":
+        return _coreml_problem(m, info)
+    if m["target"] == "tensorrt":
+        return _tensorrt_problem(m, info)
+    return None
+
+
+def _tflite_problem(m: dict[str, Any], info: dict[str, Any]) -> str | None:
+    tensors = [("input_tensor", m["input"], info["input_tensor"])]
+    tensors += [(f"output_tensors.{o['name']}", o, info["output_tensors"][o["name"]]) for o in m["outputs"]]
+    for where, spec, tensor in tensors:
+        for key in ("dtype", "shape", "quantization"):
+            if tensor.get(key) != spec.get(key):
+                of = "input" if where == "input_tensor" else f"output {spec['name']!r}"
+                return (f"field target_info.{where}.{key} {_short(tensor.get(key))} differs from the {of}'s "
+                        f"{key} {_short(spec.get(key))}")
+    if info["input_tensor"]["position"] != 0:
+        return f"field target_info.input_tensor.position is {info['input_tensor']['position']}, expected 0"
+    outputs = info["output_tensors"].values()
+    if sorted(t["position"] for t in outputs) != [0, 1, 2]:
+        return ("field target_info.output_tensors positions are "
+                f"{[t['position'] for t in outputs]}, expected 0, 1 and 2 once each")
+    if len({t["index"] for t in outputs} | {info["input_tensor"]["index"]}) != 4:
+        return "field target_info.output_tensors: two tensors share one index"
+    return None
+
+
+def _coreml_problem(m: dict[str, Any], info: dict[str, Any]) -> str | None:
+    dims = _input_dims(m)
+    size = [dims["height"], dims["width"]]
+    if info["input_size"] != size:
+        return f"field target_info.input_size {info['input_size']} differs from input.shape's height, width {size}"
+    if "enumerated_sizes" in info and size not in info["enumerated_sizes"]:
+        return f"field target_info.enumerated_sizes {info['enumerated_sizes']} lacks the input size {size}"
+    if info["input_type"] == "image":
+        bias = [-v for v in m["preprocessing"]["mean_bgr"]]
+        if "bias" in info and any(abs(a - b) > 1e-6 for a, b in zip(info["bias"], bias)):
+            return (f"field target_info.bias {info['bias']} is not minus preprocessing.mean_bgr "
+                    f"{m['preprocessing']['mean_bgr']}: the model and the pre-processing would disagree on the mean")
+    elif "shape" in info and info["shape"] != m["input"]["shape"]:
+        return f"field target_info.shape {info['shape']} differs from input.shape {m['input']['shape']}"
+    for out in m["outputs"]:
+        declared = info.get("outputs", {}).get(out["name"])
+        if declared is not None and declared != out["shape"]:
+            return f"field target_info.outputs.{out['name']} {declared} differs from its output's shape {out['shape']}"
+    return None
+
+
+def _tensorrt_problem(m: dict[str, Any], info: dict[str, Any]) -> str | None:
+    build = info["build"]
+    if build["precision"] != m["precision"]:
+        return f"field target_info.build.precision {build['precision']!r} differs from precision {m['precision']!r}"
+    flags = TENSORRT_BUILDER_FLAGS[m["precision"]]
+    if build["builder_flags"] != flags:
+        return f"field target_info.build.builder_flags {build['builder_flags']}, expected {flags} for {m['precision']}"
+    dims, dynamic, layout = _input_dims(m), m.get("dynamic") or {}, m["input"]["layout"]
+    for i, key in enumerate(("min", "opt", "max")):
+        value = {d: dynamic[d][i] if isinstance(dims[d], str) else dims[d] for d in ("batch", "height", "width")}
+        expected = ([value["batch"], 3, value["height"], value["width"]] if layout == "NCHW"
+                    else [value["batch"], value["height"], value["width"], 3])
+        if build["profile"][key] != expected:
+            return (f"field target_info.build.profile.{key} {build['profile'][key]}, expected {expected} (input.shape "
+                    f"{m['input']['shape']} with the {key} of each dynamic range)")
+    if "engine" in m["files"] and "engine" not in info:
+        return "field target_info.engine is missing, but files names an engine (written by `edgeface build-engine`)"
     return None
 
 
@@ -258,7 +463,7 @@ def _inside(root: Path, relative: str, field: str) -> Path:
 
 def _bundle_files(root: Path) -> list[str]:
     """Every file in the bundle (relative, '/'-separated) but the manifest and OS litter; symbolic links that leave
-    the bundle are refused."""
+    the bundle, and anything that is not a regular file (a FIFO would block the hashing), are refused."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -267,6 +472,13 @@ def _bundle_files(root: Path) -> list[str]:
             if path.is_symlink():
                 _inside(root, relative, "(a symbolic link)")
             if name in filenames and relative != MANIFEST and name not in OS_LITTER:
+                try:
+                    regular = stat.S_ISREG(os.stat(path).st_mode)
+                except OSError:  # a dangling symbolic link
+                    regular = False
+                if not regular:
+                    raise EdgefaceError(f"bundle {root} holds {relative!r}, which is not a regular file; remove it "
+                                        "or re-export the bundle")
                 found.append(relative)
     return sorted(found)
 
@@ -280,6 +492,11 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
     """
     path = Path(path)
     recover_publication(path)
+    return _open_bundle(path, verify=verify)
+
+
+def _open_bundle(path: Path, *, verify: bool = True) -> Bundle:
+    """:func:`load_bundle` without the recovery of an interrupted publication."""
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         what = "no such folder" if not path.exists() else f"no {MANIFEST}"
@@ -330,9 +547,13 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
     atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(text))
 
 
-# Publishing a bundle: the finished staging folder is renamed to .NAME.new, the previous bundle to .NAME.old,
-# .NAME.new to NAME, and .NAME.old is removed. A crash at any point leaves a state recover_publication() finishes
-# (a complete .NAME.new) or rolls back (.NAME.old and no NAME); staging folders of dead exports are removed.
+# Publishing a bundle at NAME, under a lock on the parent folder: the finished staging folder is renamed to
+# .NAME.new, the previous bundle (if any) to .NAME.old, .NAME.new to NAME, and .NAME.old to a trash name
+# (.NAME.trash-PID-xxxx), which is then deleted. A crash at any point leaves a state recover_publication()
+# finishes (a complete bundle in .NAME.new) or rolls back (a bundle in .NAME.old and nothing at NAME); folders
+# are only ever deleted under a staging or trash name, which recovery never publishes, so a crash in the middle of
+# a deletion cannot leave a half-deleted folder under a name recovery trusts. Staging and trash folders of
+# processes that are no longer running are removed.
 def _sibling(final: Path, what: str) -> Path:
     return final.with_name(f".{final.name}.{what}")
 
@@ -341,20 +562,50 @@ def _staging_prefix(final: Path) -> str:
     return f".{final.name}.staging-"
 
 
+def _trash_prefix(final: Path) -> str:
+    return f".{final.name}.trash-"
+
+
+def _to_trash(folder: Path, final: Path) -> Path:
+    """Rename ``folder`` to a fresh trash name beside ``final`` (to be deleted by the caller, or by the recovery
+    of a later run if this process dies first)."""
+    trash = final.with_name(f"{_trash_prefix(final)}{os.getpid()}-{secrets.token_hex(4)}")
+    folder.rename(trash)
+    return trash
+
+
+# flock() on a file system without it (some network and FUSE file systems): publication goes on unlocked.
+_NO_LOCKS = {getattr(errno, name) for name in ("ENOTSUP", "EOPNOTSUPP", "ENOLCK") if hasattr(errno, name)}
+
+
 @contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
-    """Serialise publication and recovery in one folder (between processes; flock where the system has it)."""
+    """Serialise publication and recovery in one folder between processes: flock where the system and the file
+    system have it; elsewhere (Windows, a file system without locks, a folder that cannot be opened for reading)
+    the block runs without the lock."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks on folders
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
+        fcntl = None
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except PermissionError:
+            fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            os.close(fd)
+            fd = None
+            if exc.errno not in _NO_LOCKS:
+                raise
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -367,53 +618,153 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recover_publication(final: Path) -> None:
-    """Finish or roll back a publication of ``final`` that a crash interrupted, and remove the staging folders of
-    exports that are no longer running. Does nothing (and costs two stat calls) when there is nothing to do."""
+def _warn(message: str) -> None:
+    print(f"edgeface: warning: {message}", file=sys.stderr)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def recover_publication(final: str | os.PathLike, *, strict: bool = False) -> None:
+    """Finish or roll back a publication of ``final`` that a crash interrupted, and remove the staging and trash
+    folders of processes that are no longer running. Costs one listing of the parent folder when there is
+    nothing to do.
+
+    Nothing but a previous edgeface bundle at ``final`` is ever replaced, and ``.NAME.new`` / ``.NAME.old`` are
+    only published, restored or deleted when they hold what a publication puts there (see
+    :func:`_not_replaceable`); what is left alone is said in one line. A failure (an unreadable or read-only
+    folder) never raises a traceback: with ``strict`` it raises :class:`EdgefaceError` in one line, else it is
+    reported as a warning on stderr and loading goes on with what is there.
+    """
     final = Path(os.path.abspath(final))
-    new, old = _sibling(final, "new"), _sibling(final, "old")
-    prefix = _staging_prefix(final)
-    if not final.parent.is_dir():
-        return
-    stale = [p for p in final.parent.iterdir() if p.name.startswith(prefix)]
-    if not (os.path.lexists(new) or os.path.lexists(old) or stale):
-        return
     try:
-        with _folder_lock(final.parent):
-            if (new / MANIFEST).is_file():  # complete, was being published
+        left = _recover(final)
+    except (OSError, ValueError, EdgefaceError) as exc:
+        message = f"could not finish or roll back an interrupted publication of {final} ({_reason(exc)})"
+        if strict:
+            raise EdgefaceError(f"{message}; fix the folder's permissions or choose another --out") from None
+        _warn(message)
+        return
+    if left:
+        _warn("; ".join(left))
+
+
+def _recover(final: Path) -> list[str]:
+    """The recovery itself; returns what it left alone and why."""
+    parent = final.parent
+    if not parent.is_dir():
+        return []
+    new, old = _sibling(final, "new"), _sibling(final, "old")
+    prefixes = (_staging_prefix(final), _trash_prefix(final))
+    with os.scandir(parent) as entries:
+        stale = [(parent / e.name, prefix) for e in entries for prefix in prefixes if e.name.startswith(prefix)]
+    if not (os.path.lexists(new) or os.path.lexists(old) or stale):
+        return []
+    left: list[str] = []
+    trash: list[Path] = []
+    kept: set[Path] = set()
+    with _folder_lock(parent):
+        if os.path.lexists(new) and _incomplete(new) is None:  # complete: it was being published
+            problem = _not_replaceable(final) if os.path.lexists(final) else None
+            if problem is None:
                 if os.path.lexists(final):
-                    shutil.rmtree(old, ignore_errors=True)
-                    final.rename(old)
+                    trash.append(_to_trash(final, final))
                 new.rename(final)
-            elif not os.path.lexists(final) and old.is_dir():  # roll back to the previous bundle
-                old.rename(final)
-            for leftover in (new, old):
-                if os.path.lexists(leftover) and os.path.lexists(final):
-                    shutil.rmtree(leftover, ignore_errors=True)
-            for folder in stale:
-                pid = folder.name[len(prefix):].split("-")[0]
-                if not pid.isdigit() or not _alive(int(pid)):
-                    shutil.rmtree(folder, ignore_errors=True)
-    except OSError:
-        pass  # a read-only location: loading goes on with what is there
+            else:
+                left.append(f"{final} is not an edgeface bundle ({_clip(problem)}), so the bundle whose "
+                            f"publication was interrupted stays in {new.name}")
+                kept.add(new)
+        elif not os.path.lexists(final) and os.path.lexists(old) and _incomplete(old, empty_ok=True) is None:
+            old.rename(final)  # roll back to the previous bundle
+        # What is left of the publication goes only once a whole bundle is at NAME; beside anything else it stays.
+        settled = os.path.lexists(final) and _incomplete(final) is None
+        for leftover in (new, old):
+            if not os.path.lexists(leftover) or leftover in kept:
+                continue
+            problem = _not_replaceable(leftover) if settled else _incomplete(leftover, empty_ok=True)
+            if settled and problem is None:
+                trash.append(_to_trash(leftover, final))
+            elif settled:
+                left.append(f"{leftover} is left as it is: it is not an edgeface bundle ({_clip(problem)})")
+            else:
+                left.append(f"{leftover} is left as it is: there is no complete edgeface bundle at {final} to "
+                            f"replace it with" + (f", and it is none either ({_clip(problem)})" if problem else ""))
+        for folder, prefix in stale:  # staging and trash of processes no longer running
+            owner = re.fullmatch(r"(\d+)-[0-9a-z_]+", folder.name[len(prefix):])
+            if owner and not _alive(int(owner.group(1))):  # (another name, e.g. another bundle's, is not ours)
+                trash.append(folder)
+    for folder in trash:
+        shutil.rmtree(folder, ignore_errors=True)
+    return left
+
+
+def _incomplete(folder: Path, *, empty_ok: bool = False) -> str | None:
+    """Why ``folder`` is not a complete, intact edgeface bundle (None when it is one: what a publication puts in
+    ``.NAME.new`` or moves to ``.NAME.old``); ``empty_ok``: an empty folder counts as one (a publication may have
+    replaced an empty folder)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return "not a folder"
+    try:
+        if empty_ok and not [e for e in os.listdir(folder) if e not in OS_LITTER]:
+            return None
+        _open_bundle(folder)
+    except EdgefaceError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"it cannot be read: {_reason(exc)}"
+    return None
+
+
+def _not_replaceable(folder: Path) -> str | None:
+    """Why ``folder`` is not one edgeface may replace (None when it may).
+
+    edgeface replaces only what it wrote there itself and nobody has changed since, so that replacing it never
+    loses anything of the user's:
+
+    - an empty folder (OS litter such as ``.DS_Store`` aside), or
+    - an edgeface bundle: a real folder (not a symbolic link) whose ``manifest.json`` is a valid manifest of this
+      schema version (:func:`read_manifest`) and in which every other file (OS litter aside) is a regular file
+      listed in the manifest's ``sha256`` with a matching hash. Listed files may be missing (deleting parts of a
+      bundle loses nothing of the user's), but a file the manifest does not list, a listed file whose bytes
+      changed, a symbolic link out of the folder or a special file make the folder the user's.
+
+    A bundle of another schema version or with an invalid manifest is therefore not replaced either: the user
+    removes it (edgeface cannot tell it from a folder that only looks like one).
+    """
+    if folder.is_symlink():
+        return "it is a symbolic link"
+    if not folder.is_dir():
+        return "it is not a folder"
+    try:
+        if not [e for e in os.listdir(folder) if e not in OS_LITTER]:
+            return None
+        if not (folder / MANIFEST).is_file():
+            return f"it has no {MANIFEST}"
+        hashes = read_manifest(folder / MANIFEST)["sha256"]
+        for relative in _bundle_files(folder):
+            if relative not in hashes:
+                return f"it holds {relative!r}, which its manifest does not list"
+            if sha256_file(folder / relative) != hashes[relative]:
+                return f"{relative!r} was changed since export (its sha256 differs from the manifest's)"
+    except EdgefaceError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"it cannot be read: {_reason(exc)}"
+    return None
 
 
 def _is_previous_bundle(folder: Path) -> bool:
-    """A folder edgeface may replace: empty, or an edgeface bundle holding nothing its manifest does not list."""
-    entries = [e for e in folder.iterdir() if e.name not in OS_LITTER]
-    if not entries:
-        return True
-    try:
-        data = read_manifest(folder / MANIFEST)
-    except (EdgefaceError, OSError):
-        return False
-    listed = set(data.get("sha256", {}))
-    return all(f in listed for f in _bundle_files(folder))
+    """Whether edgeface may replace ``folder``: empty, or an unchanged edgeface bundle (see
+    :func:`_not_replaceable`)."""
+    return _not_replaceable(folder) is None
 
 
 def check_output_folder(final: str | os.PathLike) -> Path:
     """The absolute bundle path for ``--out``, refused (EdgefaceError) unless it is new, empty or a previous
-    edgeface bundle: edgeface never replaces a user's files."""
+    edgeface bundle (see :func:`_not_replaceable`): edgeface never replaces a user's files."""
     final = Path(os.path.abspath(final))
     if final.parent == final:
         raise EdgefaceError(f"--out {final}: a bundle needs a folder of its own, not the file system root")
@@ -431,10 +782,16 @@ def check_output_folder(final: str | os.PathLike) -> Path:
     if final.exists() and not final.is_dir():
         raise EdgefaceError(f"--out {final} is an existing file, not an edgeface bundle; it was left untouched: "
                             "choose another --out")
-    if final.is_dir() and not _is_previous_bundle(final):
-        raise EdgefaceError(f"--out {final} is an existing folder that is not an edgeface bundle (or holds files "
-                            "a bundle does not); it was left untouched: choose a new folder")
+    if final.is_dir():
+        problem = _not_replaceable(final)
+        if problem is not None:
+            raise EdgefaceError(f"--out {final} is an existing folder that is not an edgeface bundle edgeface may "
+                                f"replace ({_clip(problem)}); it was left untouched: choose a new folder")
     return final
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _name_max(folder: Path) -> int:
@@ -444,32 +801,113 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
+def _clear_siblings(final: Path) -> list[Path]:
+    """Move ``.NAME.new`` / ``.NAME.old`` left by an earlier publication to trash names, or refuse (EdgefaceError)
+    when one of them is not an edgeface bundle (it is then someone's folder, and stays)."""
+    trash = []
+    for sibling in (_sibling(final, "new"), _sibling(final, "old")):
+        if not os.path.lexists(sibling):
+            continue
+        problem = _not_replaceable(sibling)
+        if problem is not None:
+            raise EdgefaceError(f"{sibling} is in the way of publishing {final.name} and is not an edgeface bundle "
+                                f"({_clip(problem)}); move it away and run again")
+        trash.append(_to_trash(sibling, final))
+    return trash
+
+
+def _manifest_digest(folder: Path) -> str | None:
+    try:
+        return sha256_file(folder / MANIFEST)
+    except OSError:
+        return None
+
+
 @contextmanager
-def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
+def staging_dir(final: str | os.PathLike, *, before_publish: Callable[[], None] | None = None) -> Iterator[Path]:
     """A temporary folder beside ``final`` that replaces it only if the block succeeds: a failed or killed export
     leaves no half-written bundle and an earlier bundle at ``final`` untouched. ``final`` must pass
-    :func:`check_output_folder` (new, empty or a previous bundle)."""
+    :func:`check_output_folder` (new, empty or a previous bundle), when the block starts and again when it is
+    published. ``before_publish`` runs under the folder lock just before the renames and may refuse (raise)."""
     final = check_output_folder(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    recover_publication(final)
+    recover_publication(final, strict=True)
+    trash: list[Path] = []
+    try:
+        with _folder_lock(final.parent):  # leftovers in the way are refused now rather than after the work
+            trash += _clear_siblings(final)
+    finally:
+        for folder in trash:
+            shutil.rmtree(folder, ignore_errors=True)
+    trash = []
     tmp = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(final)}{os.getpid()}-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a bundle is as readable as any new folder
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; a bundle is as readable as any new folder
     try:
         yield tmp
         with _folder_lock(final.parent):
             check_output_folder(final)  # something may have appeared there during the export
-            new, old = _sibling(final, "new"), _sibling(final, "old")
-            for leftover in (new, old):
-                shutil.rmtree(leftover, ignore_errors=True)
-            tmp.rename(new)
-            if os.path.lexists(final):
-                final.rename(old)
-            new.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            if before_publish is not None:
+                before_publish()
+            trash += _clear_siblings(final)
+            trash += _publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in trash:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _publish(tmp: Path, final: Path) -> list[Path]:
+    """The renames that put the finished staging folder ``tmp`` at ``final`` (under the folder lock); returns the
+    previous bundle under a trash name, for the caller to delete. A rename that fails puts everything back."""
+    new, old = _sibling(final, "new"), _sibling(final, "old")
+    tmp.rename(new)
+    moved_old = False
+    try:
+        if os.path.lexists(final):
+            final.rename(old)
+            moved_old = True
+        new.rename(final)
+    except OSError:
+        with suppress(OSError):  # not published: the previous bundle back, the new one discarded with the staging
+            if moved_old and not os.path.lexists(final):
+                old.rename(final)
+            new.rename(tmp)
+        raise
+    if not moved_old:
+        return []
+    try:
+        return [_to_trash(old, final)]
+    except OSError:  # published all the same; the next recovery removes .NAME.old beside the complete bundle
+        return []
+
+
+@contextmanager
+def update_bundle(path: str | os.PathLike) -> Iterator[Bundle]:
+    """Change a published bundle without ever leaving it half-changed (``edgeface build-engine`` adds its engine
+    this way): the block gets a staged copy of the bundle (checked like any bundle on load); when the block
+    succeeds, the copy, with whatever the block wrote there and its manifest rewritten by the block
+    (:func:`write_manifest`), replaces the bundle by the same renames as an export's publication. When the block
+    fails, or the process is killed, the bundle stays as it was. If the bundle itself changed while the block ran,
+    nothing is published (EdgefaceError)."""
+    final = Path(os.path.abspath(path))
+    load_bundle(final)  # a clear refusal of what is not a bundle, before anything is staged
+    started: dict[str, str | None] = {}
+
+    def unchanged() -> None:
+        if _manifest_digest(final) != started["digest"]:
+            raise EdgefaceError(f"bundle {final} was changed by someone else while it was being updated; nothing "
+                                "was written: run again")
+
+    with staging_dir(final, before_publish=unchanged) as tmp:
+        shutil.copyfile(final / MANIFEST, tmp / MANIFEST)
+        started["digest"] = sha256_file(tmp / MANIFEST)
+        for relative in read_manifest(tmp / MANIFEST)["sha256"]:
+            source = _inside(final, relative, "sha256")
+            if not source.is_file():
+                continue  # the optional parity evidence may be gone
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp / relative)
+        yield _open_bundle(tmp)  # the copy is what its manifest lists, hashes checked
 
 
 def manifest_for_model(

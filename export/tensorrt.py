@@ -14,6 +14,8 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
+
 import onnx
 
 from edgeface.errors import EdgefaceError
@@ -98,21 +100,76 @@ def convert(model, out_dir: Path, request: ExportRequest) -> Conversion:
     )
 
 
+@dataclasses.dataclass
+class Engine:
+    """What an engine build produces: the serialized engine (bytes, or TensorRT's IHostMemory: anything with the
+    buffer protocol), the updated timing cache (None: keep the bundle's) and the facts recorded in
+    ``target_info.engine`` (TensorRT version, device, build time)."""
+
+    data: Any
+    timing_cache: Any = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
 def build_engine(bundle_dir: str | Path, *, workspace_mb: int | None = None, verify: bool = True,
                  progress: bool = True) -> Path:
     """Build ``model.engine`` from a TensorRT bundle's ONNX with the TensorRT Python API (on the device that will
-    run it), reusing and updating the bundle's timing cache, then check it against the parity images."""
-    from edgeface.bundle import load_bundle, write_manifest
+    run it), reusing and updating the bundle's timing cache, then check it against the parity images.
+
+    The bundle is never changed in place: the engine is built into a staged copy, which replaces the bundle only
+    once the engine, the timing cache and the manifest are written and (``verify``) the engine reproduces the
+    bundle's reference detections (:func:`install_engine`). A failure, or a kill, leaves the bundle as it was."""
+    from edgeface.bundle import load_bundle
     from edgeface.runtimes.base import require
 
     bundle = load_bundle(bundle_dir)
-    manifest = bundle.manifest
-    if manifest.target != "tensorrt":  # before asking for TensorRT: no TensorRT would build this bundle
-        raise EdgefaceError(f"bundle {bundle.path} is a {manifest.target} bundle; build-engine takes a tensorrt "
-                            "bundle (`edgeface export --target jetson`)")
+    if bundle.manifest.target != "tensorrt":  # before asking for TensorRT: no TensorRT would build this bundle
+        raise EdgefaceError(f"bundle {bundle.path} is a {bundle.manifest.target} bundle; build-engine takes a "
+                            "tensorrt bundle (`edgeface export --target jetson`)")
     trt = require("tensorrt", "tensorrt", "Building a TensorRT engine")
-    settings = manifest.target_info["build"]
     log = (lambda m: print(f"edgeface build-engine: {m}", file=sys.stderr)) if progress else (lambda m: None)
+    return install_engine(bundle.path, lambda staged: _build(trt, staged, workspace_mb, log),
+                          check=engine_parity if verify else None, log=log)
+
+
+def install_engine(bundle_dir: str | Path, build: Callable[[Any], Engine], *,
+                   check: Callable[[Path, Any], dict[str, Any]] | None = None,
+                   log: Callable[[str], None] = lambda m: None) -> Path:
+    """Add an engine to a tensorrt bundle the way an export publishes a bundle: ``build(staged)`` makes the engine
+    from a staged copy of the bundle (a :class:`~edgeface.bundle.Bundle`, checked on load); the engine and timing
+    cache are written there (each file whole or not at all), the manifest lists them, ``check(staged_dir,
+    manifest)`` (when given) returns the engine's parity report or raises, and only then does the copy replace the
+    bundle, by renames under the folder lock. Any failure before that, or a kill, leaves the bundle untouched and
+    no engine file anywhere (the staging folder is removed, or by the next run if the process was killed).
+
+    Returns the engine's path in the published bundle."""
+    from edgeface.bundle import update_bundle, write_manifest
+    from edgeface.files import atomic_write
+
+    with update_bundle(bundle_dir) as staged:
+        manifest = staged.manifest
+        if manifest.target != "tensorrt":
+            raise EdgefaceError(f"bundle {bundle_dir} is a {manifest.target} bundle; only a tensorrt bundle takes an "
+                                "engine")
+        engine = build(staged)
+        atomic_write(staged.path / ENGINE_FILE, lambda tmp: tmp.write_bytes(engine.data))
+        if engine.timing_cache is not None:
+            atomic_write(staged.path / TIMING_CACHE, lambda tmp: tmp.write_bytes(engine.timing_cache))
+        manifest.files["engine"] = ENGINE_FILE
+        manifest.target_info["engine"] = dict(engine.info)
+        write_manifest(staged.path, manifest)
+        if check is not None:
+            manifest.target_info["engine"]["parity"] = check(staged.path, manifest)
+            write_manifest(staged.path, manifest)
+    published = Path(bundle_dir) / ENGINE_FILE
+    log(f"wrote {published}")
+    return published
+
+
+def _build(trt, bundle, workspace_mb: int | None, log) -> Engine:
+    """The TensorRT build of ``bundle``'s ONNX with its manifest's settings (TensorRT Python API)."""
+    manifest = bundle.manifest
+    settings = manifest.target_info["build"]
     started = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -126,7 +183,7 @@ def build_engine(bundle_dir: str | Path, *, workspace_mb: int | None = None, ver
         raise EdgefaceError(f"TensorRT could not parse {bundle.file()}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, (workspace_mb or settings["workspace_mb"]) << 20)
-    for flag in settings["builder_flags"]:
+    for flag in settings["builder_flags"]:  # FP16 / INT8 (the manifest's schema allows no other)
         config.set_flag(getattr(trt.BuilderFlag, flag))
     shapes = settings["profile"]
     opt_profile = builder.create_optimization_profile()
@@ -139,28 +196,29 @@ def build_engine(bundle_dir: str | Path, *, workspace_mb: int | None = None, ver
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EdgefaceError("TensorRT failed to build the engine (see the TensorRT log above)")
-    engine_tmp = bundle.path / (ENGINE_FILE + ".tmp")
-    engine_tmp.write_bytes(bytes(serialized))
-    engine_tmp.replace(bundle.path / ENGINE_FILE)
-    cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
-    manifest.files["engine"] = ENGINE_FILE
-    manifest.target_info["engine"] = {"tensorrt": trt.__version__, "built_seconds": round(time.perf_counter() - started, 1),
-                                      "device": _gpu_name()}
-    write_manifest(bundle.path, manifest)
-    log(f"wrote {bundle.path / ENGINE_FILE}")
-    if verify:
-        from edgeface.benchmarks.parity import compare_to_reference
-        from edgeface.detector import Detector
+    return Engine(data=serialized, timing_cache=config.get_timing_cache().serialize(),
+                  info={"tensorrt": trt.__version__, "built_seconds": round(time.perf_counter() - started, 1),
+                        "device": _gpu_name()})
 
-        report = compare_to_reference(Detector(model=bundle.path, runtime="tensorrt", self_check=False),
-                                      bundle.path)
-        report.check(manifest.precision)
-        manifest.target_info["engine"]["parity"] = report.to_dict()
-        write_manifest(bundle.path, manifest)
-        log(f"engine parity: {report.summary()}")
-        if not report.passed:
-            raise EdgefaceError(f"the engine does not reproduce the bundle's reference detections: {report.summary()}")
-    return bundle.path / ENGINE_FILE
+
+def engine_parity(bundle_dir: Path, manifest) -> dict[str, Any]:
+    """The engine in ``bundle_dir`` on the bundle's parity photograph against its recorded FP32 PyTorch faces
+    (``parity/reference.json``); raises EdgefaceError when it does not reproduce them."""
+    from edgeface.benchmarks.parity import compare_to_reference
+    from edgeface.detector import Detector
+
+    if not (bundle_dir / "parity" / "reference.json").is_file():
+        return {"status": "skipped", "reason": "the bundle has no parity/reference.json"}
+    detector = Detector(model=bundle_dir, runtime="tensorrt", self_check=False)
+    try:
+        report = compare_to_reference(detector, bundle_dir)
+    finally:
+        detector.close()
+    report.check(manifest.precision)
+    if not report.passed:
+        raise EdgefaceError(f"the engine does not reproduce the bundle's reference detections ({report.summary()}); "
+                            "the bundle was left as it was")
+    return {"status": "passed", **report.to_dict()}
 
 
 def _gpu_name() -> str | None:
