@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -10,7 +11,11 @@ import time
 from pathlib import Path
 
 from edgeface.errors import EdgefaceError
-from edgeface.processing import MAX_THREADS
+from edgeface.processing import DEFAULT_RESIZE, MAX_THREADS
+
+# bench times each image size as given (VGA, HD, 4K), not scaled down, on one thread unless told otherwise.
+BENCH_RESIZE = "original"
+BENCH_THREADS = 1
 
 
 def _weights_options(group) -> None:
@@ -35,18 +40,21 @@ def _threshold_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nms", type=float, default=0.4, help="NMS IoU threshold (default 0.4)")
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    """A PyTorch model or a bundle, and how to run it."""
+def _model_options(parser: argparse.ArgumentParser, *, resize: str, threads: str, why: str = "") -> None:
+    """A PyTorch model or a bundle, and how to run it. ``resize`` is the command's default input policy for models
+    that take any size (its help states it, and :func:`_detector` uses it: one value for both); ``threads`` says
+    what the command does without --threads."""
     group = parser.add_argument_group("model")
     _weights_options(group)
     group.add_argument("--device", default="cpu", help="cpu or cuda")
-    group.add_argument("--resize", help="max:N (scale down only) | longest:N | original | fixed:HxW (default: max:640, "
-                                        "or the bundle's fixed size; eval widerface: original)")
+    group.add_argument("--resize", help=f"max:N (scale down only) | longest:N | original | fixed:HxW (default: "
+                                        f"{resize}{why}, or the bundle's fixed size)")
     group.add_argument("--model", help="an exported bundle directory (instead of a PyTorch checkpoint)")
     group.add_argument("--runtime", help="torch | onnxruntime | tflite | tensorrt | coreml (default: the "
                                          "bundle's own, or torch)")
     group.add_argument("--threads", type=_count(1, MAX_THREADS),
-                       help="CPU threads of the runtime (bench: default 1)")
+                       help=f"CPU threads of the runtime (default: {threads})")
+    parser.set_defaults(default_resize=resize)
 
 
 def _count(low: int, high: int | None = None):
@@ -67,32 +75,34 @@ def _detector(args: argparse.Namespace, **overrides):
     from edgeface.detector import Detector
 
     slope = {"relu": 0.0, "leaky": 0.1, None: None}[args.activation]
+    overrides.setdefault("default_resize", args.default_resize)  # the default the command's --resize help states
     return Detector(runtime=args.runtime, model=args.model, backbone=args.backbone, weights=args.weights,
                     resize=args.resize, device=args.device, threads=args.threads, negative_slope=slope, **overrides)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from edgeface.images import list_images
+    from edgeface.images import list_images, load_image, output_names
 
     source = Path(args.source)
+    if not (source.is_dir() or source.is_file()):
+        raise EdgefaceError(f"no such image or folder: {source}")
+    out = _Outputs(Path(args.out), "--out", source) if args.out else None
     if source.is_dir():
-        paths = list_images(source)
+        paths = [p for p in list_images(source) if not (out and out.holds(p))]  # not the results of a past run
         if not paths:
             raise EdgefaceError(f"no images found under {source}")
-    elif source.is_file():
-        paths = [source]
+        names = output_names(paths, source)
     else:
-        raise EdgefaceError(f"no such image or folder: {source}")
-    out = Path(args.out) if args.out else None
-    targets = {path: (out / (path.relative_to(source).with_suffix("") if source.is_dir() else Path(path.stem)))
-               for path in paths} if out else {}
-    _refuse_overwriting({_suffixed(t, s) for t in targets.values() for s in (".jpg", ".json")}, paths, "--out")
+        paths, names = [source], {source: source.stem}
+    if out:  # before any work: one line naming the first file that may not be written
+        out.check([_suffixed(out.folder / names[p], s) for p in paths for s in (".jpg", ".json")], paths)
     detector = _detector(args, score_threshold=args.threshold, nms_threshold=args.nms)
     total = failed = 0
     with _progress(paths, desc=f"detect {detector.name}", unit="img") as bar:
         for path in bar:
             try:
-                image = _load(path)
+                with _quiet_decoding(args):
+                    image = load_image(path)
                 faces = detector.detect(image)
             except EdgefaceError as exc:
                 if args.strict:
@@ -109,28 +119,38 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 for face in faces:
                     print(_face_line(face))
             if out:
-                _write_annotated(targets[path], image, faces, record)
-    where = f"; annotated images and JSON in {out}" if out else ""
+                out.write_image(names[path], image, faces)
+                out.write_record(names[path], record)
+    where = f"; annotated images and JSON in {out.folder}{out.replaced_note()}" if out else ""
     failures = f", {failed} failed (listed above)" if failed else ""
     print(f"{total} face(s) in {len(paths) - failed} image(s){failures}{where}", file=sys.stderr)
     return 2 if failed else 0
 
 
-def _load(path: Path):
-    """An image file; an unreadable one (permissions, I/O error) is that file's failure, not a crash."""
-    from edgeface.images import load_image
+@contextlib.contextmanager
+def _quiet_decoding(args: argparse.Namespace):
+    """While an image or a video frame is decoded, the C libraries under OpenCV (libpng, libjpeg, FFmpeg) and
+    OpenCV itself write their own warnings on a damaged file straight to file descriptor 2, before edgeface's
+    one-line report of it: the command sends stdout and stderr to the null device for that time. Only when it
+    runs as the program (``args.program``, see :func:`main`): file descriptors belong to the whole process, and a
+    Python program calling :func:`main` keeps its own. One redirection helper serves edgeface (the converters'
+    capture in :mod:`edgeface.export.base`)."""
+    if not getattr(args, "program", False):
+        yield
+        return
+    from edgeface.export.base import _captured
 
-    try:
-        return load_image(path)
-    except OSError as exc:
-        raise EdgefaceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with open(os.devnull, "wb") as null, _captured(null):
+        yield
 
 
 def _report_failure(name: str, exc: EdgefaceError, as_json: bool, *, key: str) -> None:
     """One line on stderr (above any progress bar), and a JSON record in the stream when --json."""
     from tqdm import tqdm
 
-    message = " ".join(str(exc).split())
+    from edgeface.runtimes.base import first_line
+
+    message = first_line(exc)
     if name not in message:
         message = f"{name}: {message}"
     tqdm.write(f"edgeface: error: {message}", file=sys.stderr)
@@ -145,32 +165,121 @@ def _face_line(face) -> str:
     return f"{face.score:.3f}  box {box}  landmarks {marks}"
 
 
-def _write_annotated(target: Path, image, faces, record: dict | None = None) -> None:
-    """``target.jpg`` (boxes drawn) and ``target.json`` (with ``record``), each written whole or not at all."""
-    import cv2
+# Every annotated image edgeface writes carries this JPEG comment (a COM segment after the JFIF header; image
+# viewers ignore it): a later run knows the file for its own output, which it may replace, and never takes a
+# user's photo of the same name for one.
+OUTPUT_MARK = b"edgeface annotated image"
+# The keys of the JSON record ``detect --out`` writes beside each annotated image.
+RECORD_KEYS = frozenset({"image", "width", "height", "faces"})
+MAX_RECORD_BYTES = 16 * 2**20
 
-    from edgeface.files import atomic_write
-    from edgeface.images import draw_faces
 
-    ok, encoded = cv2.imencode(".jpg", draw_faces(image, faces))
-    if not ok:
-        raise EdgefaceError(f"could not encode the annotated image for {_suffixed(target, '.jpg')}")
-    atomic_write(_suffixed(target, ".jpg"), lambda tmp: tmp.write_bytes(encoded.tobytes()))
-    if record is not None:
-        atomic_write(_suffixed(target, ".json"), lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+class _Outputs:
+    """The folder of ``detect --out`` and ``run --save``, under one rule: edgeface writes a file where there is
+    none, or over its own output of an earlier run (an annotated image carrying :data:`OUTPUT_MARK`, a JSON record
+    of its own shape) and says how many it replaced; it never writes over anything else (a user's photo.jpg or
+    notes, an input image, a folder): that is refused in one line naming the file, before any work where the names
+    are known in advance (images, folders), else at the first such file (video frames). The input folder itself
+    is refused as the output folder; one inside it is left out when the inputs are listed. Each file is written
+    whole or not at all (:func:`edgeface.files.atomic_write`)."""
+
+    def __init__(self, folder: Path, option: str, source: Path):
+        self.folder, self.option, self.replaced = folder, option, 0
+        if folder.exists() and not folder.is_dir():
+            raise EdgefaceError(f"{option} {folder} is a file, not a folder: give a folder for the results (it is "
+                                "created if missing)")
+        if source.is_dir() and folder.resolve() == source.resolve():
+            raise EdgefaceError(f"{option} {folder} is the input folder: the annotated images would replace or mix "
+                                f"with the input images; give another folder, e.g. {folder / 'faces'} (a folder "
+                                f"inside {source} is left out when edgeface reads it)")
+
+    def holds(self, path: Path) -> bool:
+        """Whether ``path`` lies in the output folder (results of an earlier run, not inputs)."""
+        return Path(path).resolve().is_relative_to(self.folder.resolve())
+
+    def check(self, targets, inputs) -> None:
+        """Refuses the first of ``targets`` that is one of the ``inputs`` or a file edgeface may not replace."""
+        inputs = {Path(p).resolve() for p in inputs}
+        for target in targets:
+            if target.resolve() in inputs:
+                raise EdgefaceError(f"{self.option} would overwrite the input image {target}; choose another folder")
+            self._replaces(target)
+
+    def _replaces(self, path: Path) -> bool:
+        """False where nothing is at ``path``, True where edgeface's own earlier output is; refuses anything else."""
+        if not os.path.lexists(path):
+            return False
+        if path.is_dir():
+            raise EdgefaceError(f"{self.option}: {path} is a folder, where edgeface would write a file; move it "
+                                "away or choose another folder")
+        if not _own_output(path):
+            raise EdgefaceError(f"{self.option}: {path} already exists and edgeface did not write it (edgeface "
+                                "replaces only its own earlier results): move it away or choose another folder")
+        return True
+
+    def write_image(self, name: str, image, faces) -> None:
+        """``name.jpg``: the image with the faces drawn, marked as edgeface's."""
+        import cv2
+
+        from edgeface.images import draw_faces
+
+        path = _suffixed(self.folder / name, ".jpg")
+        ok, encoded = cv2.imencode(".jpg", draw_faces(image, faces))
+        if not ok:
+            raise EdgefaceError(f"could not encode the annotated image for {path}")
+        self._write(path, _marked_jpeg(encoded.tobytes()))
+
+    def write_record(self, name: str, record: dict) -> None:
+        """``name.json``: the image's record (image, width, height, faces)."""
+        self._write(_suffixed(self.folder / name, ".json"), json.dumps(record, indent=2).encode())
+
+    def _write(self, path: Path, data: bytes) -> None:
+        from edgeface.files import atomic_write
+
+        replacing = self._replaces(path)  # again at write time: a video's frames, a file created meanwhile
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
+        self.replaced += replacing
+
+    def replaced_note(self) -> str:
+        return f" ({self.replaced} file(s) of an earlier edgeface run replaced)" if self.replaced else ""
+
+
+def _marked_jpeg(jpeg: bytes) -> bytes:
+    """``jpeg`` with a comment segment holding :data:`OUTPUT_MARK` after SOI and the JFIF (APP0) segment."""
+    at = 2
+    if jpeg[2:4] == b"\xff\xe0":
+        at = 4 + int.from_bytes(jpeg[4:6], "big")
+    return jpeg[:at] + b"\xff\xfe" + (len(OUTPUT_MARK) + 2).to_bytes(2, "big") + OUTPUT_MARK + jpeg[at:]
+
+
+def _own_output(path: Path) -> bool:
+    """Whether ``path`` is a file edgeface wrote: a JPEG whose header segments carry :data:`OUTPUT_MARK`, or a
+    JSON object with the keys of edgeface's record. Anything unreadable or else is the user's."""
+    try:
+        with open(path, "rb") as file:
+            if path.suffix.lower() == ".json":
+                data = file.read(MAX_RECORD_BYTES + 1)
+                record = json.loads(data) if len(data) <= MAX_RECORD_BYTES else None
+                return isinstance(record, dict) and {"image", "faces"} <= record.keys() <= RECORD_KEYS
+            head = file.read(4096)
+    except (OSError, ValueError, RecursionError):  # unreadable, or not JSON (UnicodeDecodeError is a ValueError)
+        return False
+    if head[:2] != b"\xff\xd8":
+        return False
+    at = 2
+    while at + 4 <= len(head) and head[at] == 0xFF:  # the segments before the image data
+        kind, length = head[at + 1], int.from_bytes(head[at + 2:at + 4], "big")
+        if kind == 0xFE and head[at + 4:at + 2 + length] == OUTPUT_MARK:
+            return True
+        if kind in (0xDA, 0xD9) or length < 2:  # start of scan, end of image
+            return False
+        at += 2 + length
+    return False
 
 
 def _suffixed(stem: Path, suffix: str) -> Path:
     """``a.v2`` -> ``a.v2.jpg`` (with_suffix would make it ``a.jpg``, the output of another image)."""
     return stem.parent / (stem.name + suffix)
-
-
-def _refuse_overwriting(targets, inputs, option: str) -> None:
-    """An output folder that is the input folder would replace the user's images with annotated copies."""
-    inputs = {Path(p).resolve() for p in inputs}
-    clash = sorted(str(t) for t in targets if Path(t).resolve() in inputs)
-    if clash:
-        raise EdgefaceError(f"{option} would overwrite the input image {clash[0]}; choose another folder")
 
 
 def _progress(items, **options):
@@ -254,7 +363,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                            verify=not args.no_verify,
                            evaluate=evaluate, options=options)
     m = bundle.manifest
-    print(f"{bundle.path}: {m.target} {m.precision}, {bundle.model_bytes() / 1e6:.2f} MB, "
+    print(f"{bundle.path}: {m.target} {m.precision}, {bundle.model_bytes() / 2**20:.2f} MiB, "
           f"parity {m.parity.get('status')}")
     if m.accuracy:
         w = m.accuracy["widerface"]
@@ -321,7 +430,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cpus = _pin_cpus(args.cpus) if args.cpus else None
     # One thread unless told: with more, PyTorch's threads wait on each other whenever another process takes a
     # core (4.1 s per VGA frame with 2 threads on a loaded 2-core machine, 0.32 s with one).
-    args.threads = args.threads or (len(cpus) if cpus else 1)
+    args.threads = args.threads or (len(cpus) if cpus else BENCH_THREADS)
     if args.limit is not None and args.limit < 0:
         raise EdgefaceError(f"--limit {args.limit}: give a number of images, or 0 for all of them")
     limit = args.limit or None  # 0: every image
@@ -340,7 +449,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         def open_model(bundle):
             args.model = bundle
-            return _detector(args, default_resize="original")  # timed at each image size, not scaled down
+            return _detector(args)  # BENCH_RESIZE: timed at each image size, not scaled down
 
         results = bench_all(open_model, out=args.out, weights=args.weights, calib=args.calib, calib_n=args.calib_n,
                             **options)
@@ -352,7 +461,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             baseline = open_baseline(args.baseline, threads=args.threads)
 
         def open_model():
-            detector = _detector(args, default_resize="original")  # timed at each image size, not scaled down
+            detector = _detector(args)  # BENCH_RESIZE: timed at each image size, not scaled down
             _warn_board_size(args, detector)
             return detector
 
@@ -377,7 +486,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for size, ratio in (first.get("speedup_vs_baseline") or {}).items():
         print(f"{size}: {ratio:.2f}x faster end to end than {results[1]['name']} (p50, same image, same cores, "
               "run by run)")
-    print(f"load {first['load_seconds']} s, resident {first['rss_mb']} MB (peak {first['peak_rss_mb']} MB); "
+    print(f"load {first['load_seconds']} s, resident {first['rss_mb']} MiB (peak {first['peak_rss_mb']} MiB); "
           f"report in {out}: " + ", ".join(written))
     return 0
 
@@ -451,17 +560,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     import collections
 
     from edgeface import stream
-    from edgeface.images import list_images
+    from edgeface.images import IMAGE_SUFFIXES, list_images, output_names
 
     if args.board:
         _apply_board(args, runtime=args.board.runtime if args.model else None, threads=args.board.threads or None)
-    out = Path(args.save) if args.save else None
-    if out and Path(args.source).is_dir():
-        inputs = list_images(args.source)
-        _refuse_overwriting([out / _suffixed(p.relative_to(args.source).with_suffix(""), ".jpg") for p in inputs],
-                            inputs, "--save")
-    elif out and Path(args.source).is_file():
-        _refuse_overwriting([out / f"{Path(args.source).stem}.jpg"], [args.source], "--save")
+    source = Path(args.source)
+    out = _Outputs(Path(args.save), "--save", source) if args.save else None
+    if out and source.is_dir():  # the frames' names are known: refuse before any work (video frames: as they come)
+        inputs = [p for p in list_images(source) if not out.holds(p)]
+        out.check([_suffixed(out.folder / name, ".jpg") for name in output_names(inputs, source).values()], inputs)
+    elif out and source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
+        out.check([out.folder / f"{source.stem}.jpg"], [source])
     detector = _detector(args, score_threshold=args.threshold, nms_threshold=args.nms)
     _warn_board_size(args, detector)
     recent: collections.deque = collections.deque(maxlen=30)  # rolling window: (seconds, stage timings)
@@ -469,8 +578,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     interrupted = ended_early = False
     last_report = time.monotonic()
     print(f"edgeface run: {detector.name} on {args.source}, input {detector.resize}", file=sys.stderr)
+    # A --save folder inside the source folder holds results, not inputs.
+    items = stream.frames(args.source, skip=out.folder) if out else stream.frames(args.source)
     try:
-        for name, frame in stream.frames(args.source):
+        while True:
+            with _quiet_decoding(args):
+                item = next(items, None)
+            if item is None:
+                break
+            name, frame = item
             if isinstance(frame, EdgefaceError):
                 ended_early = isinstance(frame, stream.StreamEndedEarly)
                 if args.strict:
@@ -488,19 +604,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(json.dumps({"frame": name, "faces": [f.to_dict() for f in faces],
                                   "ms": {k: round(v * 1e3, 2) for k, v in stages.items()}}), flush=True)
             if out:
-                _write_annotated(out / name, frame, faces)
+                out.write_image(name, frame, faces)
             if time.monotonic() - last_report >= 1.0:
                 print(f"  {_rolling(recent)}, frame {count}, {len(faces)} face(s)", file=sys.stderr)
                 last_report = time.monotonic()
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        with _quiet_decoding(args):
+            items.close()  # releases a video or camera now (its library may have something to say)
         detector.close()
     how = "interrupted" if interrupted else "stream ended early" if ended_early else "end of stream"
     summary = _rolling(recent) if recent else "no frames"
     failures = f", {failed} failed (listed above)" if failed else ""
+    saved = f"; annotated frames in {out.folder}{out.replaced_note()}" if out else ""
     print(f"edgeface run: {how} after {count} frame(s){failures}, {faces_total} face(s); last {len(recent)} "
-          f"frames: {summary}", file=sys.stderr)
+          f"frames: {summary}{saved}", file=sys.stderr)
     return 130 if interrupted else 2 if failed else 0
 
 
@@ -533,7 +652,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise EdgefaceError(f"no images found under {args.images}")
     candidate = _compare_side(args.b, args)
     reference = _compare_side(args.a, args, policy=candidate.resize)  # both see the same input
-    report = compare(reference, candidate, [load_image(p) for p in spread(paths, args.limit)])
+    with _quiet_decoding(args):
+        images = [load_image(p) for p in spread(paths, args.limit)]
+    report = compare(reference, candidate, images)
     print(f"{reference.name} vs {candidate.name}: {report.summary()}")
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
@@ -551,6 +672,7 @@ def _board(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from edgeface import __version__
+    from edgeface.benchmarks.accuracy import WIDER_SETTINGS
     from edgeface.benchmarks.baseline import BASELINES
 
     parser = argparse.ArgumentParser(prog="edgeface", description=__doc__)
@@ -563,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON line per image to stdout")
     _strict_option(p, "image")
     _threshold_options(p)
-    _model_options(p)
+    _model_options(p, resize=str(DEFAULT_RESIZE), threads="the runtime library's own choice")
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("export", help="export a bundle for an edge target (with parity check)")
@@ -611,7 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=sorted(BASELINES),
                    help="time this outside implementation side by side with --model, run by run")
     p.add_argument("--cpus", help="pin to these CPU cores (Linux), e.g. 0 or 0-3; --threads defaults to their count")
-    _model_options(p)
+    _model_options(p, resize=BENCH_RESIZE, threads=f"{BENCH_THREADS}; with --cpus, their count; with --board, the "
+                                                     "board's")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="bench reports")
@@ -632,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON line per frame to stdout")
     _strict_option(p, "image or damaged video")
     _threshold_options(p)
-    _model_options(p)
+    _model_options(p, resize=str(DEFAULT_RESIZE), threads="the runtime library's own choice; with --board, the board's")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="detection agreement and landmark error of two backends on real images")
@@ -654,13 +777,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_count(1), help="evaluate N images spread over all events (GT restricted to them)")
     p.add_argument("--save-preds", help="write predictions here in the WIDER txt format")
     p.add_argument("--json", help="write the result as JSON to this file")
-    _model_options(p)
+    _model_options(p, resize=WIDER_SETTINGS["default_resize"], threads="the runtime library's own choice",
+                   why=", the WIDER FACE protocol")
     p.set_defaults(func=cmd_eval_widerface)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, program: bool | None = None) -> int:
+    """The ``edgeface`` command. As the program (``program``, by default when ``argv`` is None: the installed
+    ``edgeface`` command, ``python -m edgeface``) it owns the process's output: the image and video libraries' own
+    messages are silenced around decoding (:func:`_quiet_decoding`; FFmpeg's log level through
+    ``OPENCV_FFMPEG_LOGLEVEL``), since edgeface reports each bad file or stream itself, in one line. Called from a
+    Python program (``argv`` given) it changes no process-wide setting: file descriptors and the environment stay
+    the caller's; ``program=True`` makes it act as the command (a harness that runs it in its own process)."""
     args = build_parser().parse_args(argv)
+    args.program = argv is None if program is None else program
+    if args.program:
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "0")  # AV_LOG_PANIC; read when OpenCV first starts FFmpeg
     try:
         status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at interpreter exit
@@ -673,11 +806,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # The reader went away (`edgeface detect DIR --json | head`): stop quietly. Python's recipe (signal module,
-        # "Note on SIGPIPE"): point stdout at devnull so that the flush at exit does not fail again.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):  # stdout is not a file (captured)
-            pass
+        # "Note on SIGPIPE"): point stdout at devnull so that the flush at exit does not fail again; the program's
+        # own stdout only (a Python program calling main(argv) keeps its file descriptor 1).
+        if args.program:
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):  # stdout is not a file (captured)
+                pass
         return 1
     except OSError as exc:  # last resort: a path the system refuses (too long, no space, permissions, ...)
         where = exc.filename if exc.filename is not None else "edgeface"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import stat
-import threading
+import struct
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +21,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # Largest image edgeface decodes, in pixels (width x height as the file declares it). 200 megapixels lets the
 # largest phone photos through (200 MP sensors: 16320 x 12240; 108 MP: 12000 x 9000) and keeps a decoded image
-# under 600 MB (3 bytes a pixel). $EDGEFACE_MAX_PIXELS overrides it.
+# under 573 MiB (3 bytes a pixel). $EDGEFACE_MAX_PIXELS overrides it. It is edgeface's own limit, independent of
+# Pillow's (PIL.Image.MAX_IMAGE_PIXELS, which guards decoding with Pillow and is the application's to set):
+# edgeface only reads the header with Pillow and decodes with OpenCV.
 MAX_PIXELS = 200_000_000
 # Most bytes a file may hold per declared pixel, plus a fixed allowance for metadata (EXIF, ICC, thumbnails, a
 # motion photo's video): 8 is 16-bit RGBA uncompressed, more than any supported format needs.
@@ -68,7 +70,15 @@ def load_image(image: ImageInput) -> np.ndarray:
     Files and bytes are checked before decoding: the header (read with Pillow) must declare at most
     ``max_pixels()`` pixels, width x height: :data:`MAX_PIXELS` = 200 000 000 by default, set
     ``EDGEFACE_MAX_PIXELS`` to change it (decoding takes 3 bytes a pixel); the file may hold at most 8 bytes a
-    declared pixel plus 64 MB of metadata. PIL images are held to the same pixel limit.
+    declared pixel plus 64 MiB of metadata. PIL images are held to the same pixel limit. Pillow's own
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, the application's setting) is never changed, and
+    edgeface's limit is the one that decides: where Pillow's stops it from opening a header, the declared size is
+    read past it (Pillow's limit guards decoding with Pillow; edgeface decodes with OpenCV).
+
+    Safe to call from many threads at once: nothing is locked and no process-wide setting (file descriptors,
+    Pillow's or OpenCV's settings) is changed. The C image libraries may print their own warning on a damaged
+    file (e.g. ``libpng error: ...``) on the process's stderr before the :class:`EdgefaceError`; the ``edgeface``
+    command silences them, a program using the library decides for itself.
 
     Raises :class:`~edgeface.errors.EdgefaceError`, with one line saying what is wrong, for: a missing,
     unreadable (permission), empty or directory path; data that is not an image; a truncated or corrupt file
@@ -123,16 +133,22 @@ def _decode(file, data: np.ndarray | None, what: str, size: int | None = None) -
             f"edgeface's limit of {limit / 1e6:g} megapixels: set EDGEFACE_MAX_PIXELS to raise it if the image is "
             "genuine")
     if size > width * height * MAX_BYTES_PER_PIXEL + METADATA_BYTES:
-        raise EdgefaceError(f"{what} is {size / 2**20:.0f} MB, far more than a {width}x{height} {kind} image "
+        raise EdgefaceError(f"{what} is {size / 2**20:.0f} MiB, far more than a {width}x{height} {kind} image "
                             "needs: not a valid image file")
     if data is None:
-        file.seek(0)
-        data = np.frombuffer(file.read(), np.uint8)
+        try:
+            file.seek(0)
+            data = np.frombuffer(file.read(), np.uint8)
+        except OSError as exc:  # an I/O error on a damaged disk or a network file system
+            raise EdgefaceError(f"cannot read {what}: {exc.strerror or exc}") from None
     try:
-        with _quiet_stderr():  # libjpeg / libpng print their own warnings; the outcome is reported below
-            decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
     except cv2.error as exc:  # e.g. over OpenCV's own size limit ($OPENCV_IO_MAX_IMAGE_PIXELS)
-        raise EdgefaceError(f"{what} could not be decoded by OpenCV: {' '.join(str(exc).split())}") from None
+        # OpenCV's reason (cv2.error.err, e.g. "pixels <= CV_IO_MAX_IMAGE_PIXELS"; its lines quoted with "> ") on
+        # one line, without the C++ file and line that fill the first line of str(exc).
+        lines = (getattr(exc, "err", "") or str(exc)).splitlines()
+        reason = " ".join(" ".join(line.strip().removeprefix(">").split()) for line in lines if line.strip())
+        raise EdgefaceError(f"{what} could not be decoded by OpenCV: {reason or type(exc).__name__}") from None
     if decoded is None:
         raise EdgefaceError(f"{what} could not be decoded: a {width}x{height} {kind} file that is truncated or "
                             "corrupt (or a format OpenCV cannot read)")
@@ -140,45 +156,48 @@ def _decode(file, data: np.ndarray | None, what: str, size: int | None = None) -
 
 
 def _header(file, what: str) -> tuple[int, int, str]:
-    """(width, height, format) as the file's header declares them, read by Pillow without decoding pixels."""
-    with _PILLOW_LOCK:
-        # edgeface applies its own (configurable) limit to the declared size; Pillow's would refuse before
-        # telling the size. Restored at once; the lock keeps concurrent loads from restoring it early.
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    """(width, height, format) as the file's header declares them, read by Pillow without decoding pixels.
+
+    Pillow's own decompression-bomb check (``PIL.Image.MAX_IMAGE_PIXELS``: a warning above it, an error above
+    twice it) is the application's setting for decoding with Pillow; edgeface leaves it as it is. Where it stops
+    :func:`PIL.Image.open` (``DecompressionBombError``, or ``DecompressionBombWarning`` where the application turns
+    warnings into errors), the declared size is read by the format's own header parser instead, and edgeface's
+    limit decides, so that a bomb gets edgeface's message and a photo within edgeface's limit is still read."""
+    try:
         try:
             with Image.open(file) as header:
                 return header.width, header.height, header.format or "image"
-        except Image.UnidentifiedImageError:
-            raise EdgefaceError(f"{what} could not be decoded as an image: not an image file (or a truncated one); "
-                                f"supported formats include {', '.join(IMAGE_SUFFIXES)}") from None
-        except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises on a broken header
-            raise EdgefaceError(f"{what} is truncated or corrupt: its image header cannot be read ({exc})") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            with _open_past_pillow_limit(file) as header:
+                return header.width, header.height, header.format or "image"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # A format whose parser checks Pillow's limit itself while reading its header (GIF frames, ICO, ICNS).
+        raise EdgefaceError(f"{what} was refused by Pillow as a possible decompression bomb ({exc}); edgeface "
+                            f"reads images of at most {max_pixels() / 1e6:g} megapixels") from None
+    except Image.UnidentifiedImageError:
+        raise EdgefaceError(f"{what} could not be decoded as an image: not an image file (or a truncated one); "
+                            f"supported formats include {', '.join(IMAGE_SUFFIXES)}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises on a broken header
+        raise EdgefaceError(f"{what} is truncated or corrupt: its image header cannot be read ({exc})") from None
 
 
-_PILLOW_LOCK = threading.Lock()
-_STDERR_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Sends file descriptor 2 to the null device for the duration: the C image libraries write there directly,
-    below OpenCV's log level."""
-    with _STDERR_LOCK:
+def _open_past_pillow_limit(file) -> Image.Image:
+    """What :func:`PIL.Image.open` does, less its decompression-bomb check: the first format plugin (in Pillow's
+    registration order) that accepts the first bytes and parses the header. Nothing is decoded."""
+    Image.init()
+    file.seek(0)
+    prefix = file.read(16)
+    for name in list(Image.ID):
+        factory, accept = Image.OPEN[name]
+        accepted = not accept or accept(prefix)
+        if not accepted or isinstance(accepted, str):  # a str is Pillow's reason for not opening it
+            continue
+        file.seek(0)
         try:
-            saved = os.dup(2)
-        except OSError:  # no stderr at all: nothing to silence
-            yield
-            return
-        null = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(null, 2)
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(null)
+            return factory(file, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # not this format: try the next, as Pillow does
+            continue
+    raise Image.UnidentifiedImageError("cannot identify image file")
 
 
 def _from_pil(image: Image.Image) -> np.ndarray:
@@ -221,6 +240,22 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted."""
     folder = Path(folder)
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def output_names(paths: Sequence[Path], root: str | os.PathLike) -> dict[Path, str]:
+    """The name each image under ``root`` gives its results (``detect --out``, ``run --save`` and ``run``'s frame
+    names): its path relative to ``root`` without the extension (``sub/a.jpg`` -> ``sub/a``), or with it where
+    that would be the name of another image's results too (``a.jpg`` and ``a.png`` -> ``a.jpg`` and ``a.png``), so
+    that no image's results replace another's."""
+    relative = {p: Path(p).relative_to(root) for p in paths}
+    names = {p: str(r.with_suffix("")) for p, r in relative.items()}
+    while True:
+        counts = Counter(names.values())
+        clashing = [p for p, name in names.items() if counts[name] > 1 and name != str(relative[p])]
+        if not clashing:  # full relative paths are unique: this ends
+            return names
+        for p in clashing:
+            names[p] = str(relative[p])
 
 
 # BGR colours per landmark, in LANDMARK_NAMES order.

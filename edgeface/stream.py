@@ -1,9 +1,12 @@
 """Frame sources for ``edgeface run``: an image, a folder of images, a video file or a camera, read one frame at a
-time (nothing accumulates, so memory stays flat over long streams)."""
+time (nothing accumulates, so memory stays flat over long streams).
+
+No process-wide setting is changed here (OpenCV's log level, FFmpeg's, file descriptors): OpenCV and FFmpeg may
+print their own warnings on a bad video or camera before edgeface's error; the ``edgeface`` command silences them
+(see :func:`edgeface.cli.main`), a program using this module decides for itself."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -13,7 +16,7 @@ import cv2
 import numpy as np
 
 from edgeface.errors import EdgefaceError
-from edgeface.images import IMAGE_SUFFIXES, list_images, load_image
+from edgeface.images import IMAGE_SUFFIXES, list_images, load_image, output_names
 
 # Containers whose frame count is read from an index (exact); elsewhere OpenCV estimates it from duration x fps.
 EXACT_COUNT_SUFFIXES = (".avi", ".mp4", ".mov", ".m4v", ".3gp")
@@ -25,11 +28,14 @@ class StreamEndedEarly(EdgefaceError):
     """A video delivered fewer frames than its container announces: damaged or truncated."""
 
 
-def frames(source: str) -> Iterator[tuple[str, np.ndarray | EdgefaceError]]:
+def frames(source: str, *,
+           skip: str | os.PathLike | None = None) -> Iterator[tuple[str, np.ndarray | EdgefaceError]]:
     """(name, BGR frame) pairs from ``source``: IMAGE, DIR, VIDEO or ``camera:N``.
 
-    A folder's unreadable image comes as (name, EdgefaceError) in place of its frame, so that the caller decides
-    whether to go on; a video that ends before its announced frame count ends with (name, StreamEndedEarly).
+    A folder's images are named by :func:`edgeface.images.output_names` (``sub/a`` for ``sub/a.jpg``); those under
+    the folder ``skip`` (e.g. where annotated frames are saved, inside ``source``) are left out. A folder's
+    unreadable image comes as (name, EdgefaceError) in place of its frame, so that the caller decides whether to
+    go on; a video that ends before its announced frame count ends with (name, StreamEndedEarly).
     """
     if m := re.fullmatch(r"camera:(\d+)", source):
         index = int(m.group(1))
@@ -40,10 +46,13 @@ def frames(source: str) -> Iterator[tuple[str, np.ndarray | EdgefaceError]]:
     path = Path(source)
     if path.is_dir():
         paths = list_images(path)
+        if skip is not None:
+            skipped = Path(skip).resolve()
+            paths = [p for p in paths if not p.resolve().is_relative_to(skipped)]
         if not paths:
             raise EdgefaceError(f"no images found under {path}")
-        for p in paths:
-            yield str(p.relative_to(path).with_suffix("")), _read(p)
+        for p, name in output_names(paths, path).items():
+            yield name, _read(p)
     elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         yield path.stem, load_image(path)
     elif path.is_file():
@@ -53,42 +62,28 @@ def frames(source: str) -> Iterator[tuple[str, np.ndarray | EdgefaceError]]:
 
 
 def _read(path: Path) -> np.ndarray | EdgefaceError:
+    """A folder's image, or the reason it cannot be read (load_image answers every failure, I/O errors included,
+    with an EdgefaceError): that file fails, not the folder."""
     try:
         return load_image(path)
     except EdgefaceError as exc:
         return exc
-    except OSError as exc:  # unreadable (permissions, I/O error): that file fails, not the folder
-        return EdgefaceError(f"cannot read {path}: {exc.strerror or exc}")
-
-
-@contextlib.contextmanager
-def _quiet_opencv() -> Iterator[None]:
-    """OpenCV's and FFmpeg's own warnings on a bad video or camera would precede edgeface's one-line message."""
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "0")  # AV_LOG_PANIC; read once, when OpenCV starts FFmpeg
-    level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    try:
-        yield
-    finally:
-        cv2.utils.logging.setLogLevel(level)
 
 
 def _capture(source: str | int, what: str, prefix: str) -> Iterator[tuple[str, np.ndarray | EdgefaceError]]:
-    with _quiet_opencv():
-        capture = cv2.VideoCapture(source)
-        opened = capture.isOpened()
-        expected = capture.get(cv2.CAP_PROP_FRAME_COUNT) if opened else 0
+    capture = cv2.VideoCapture(source)
+    opened = capture.isOpened()
+    expected = capture.get(cv2.CAP_PROP_FRAME_COUNT) if opened else 0
     if not opened:
         raise EdgefaceError(f"could not open {what} (not a video OpenCV can read, or no such camera)")
     exact = isinstance(source, str) and Path(source).suffix.lower() in EXACT_COUNT_SUFFIXES
     index = 0
     try:
         while True:
-            with _quiet_opencv():
-                try:
-                    ok, frame = capture.read()
-                except cv2.error:
-                    ok = False
+            try:
+                ok, frame = capture.read()
+            except cv2.error:
+                ok = False
             if not ok:
                 break
             index += 1

@@ -3,6 +3,7 @@ line, every command a message suggests exists. Bad inputs are made here, small, 
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import os
@@ -74,12 +75,23 @@ def test_run_folder_goes_on_and_ends_with_its_summary(mixed_folder, capsys):
 
 
 def test_output_folder_may_not_overwrite_the_inputs(tmp_path, astronaut_path, capsys):
+    """The input folder as the output folder is refused (more in tests/test_cli_outputs.py); so is an output
+    folder where a single input image's results would replace it."""
     shutil.copy(astronaut_path, tmp_path / "a.jpg")
     before = (tmp_path / "a.jpg").read_bytes()
     assert main(["detect", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert main(["run", "--source", str(tmp_path), "--save", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.count("would overwrite the input image") == 2
+    err = capsys.readouterr().err
+    for option in ("--out", "--save"):
+        assert (f"edgeface: error: {option} {tmp_path} is the input folder: the annotated images would replace or "
+                f"mix with the input images; give another folder, e.g. {tmp_path / 'faces'}") in err
+    assert main(["detect", str(tmp_path / "a.jpg"), "--out", str(tmp_path)]) == 2
+    assert main(["run", "--source", str(tmp_path / "a.jpg"), "--save", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    for option in ("--out", "--save"):
+        assert f"edgeface: error: {option} would overwrite the input image {tmp_path / 'a.jpg'}" in err
     assert (tmp_path / "a.jpg").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
 
 
 def test_names_with_dots_keep_their_own_outputs(tmp_path, astronaut_path):
@@ -141,10 +153,138 @@ def test_an_intact_video_ends_normally(tmp_path, capsys):
 
 @pytest.mark.parametrize("source, message", [("camera:99999999999999999999", "no camera 99999999999999999999"),
                                              ("camera:123456", "could not open camera 123456")])
-def test_camera_numbers_out_of_range(source, message, capfd):
-    assert main(["run", "--source", source]) == 2
+def test_camera_numbers_out_of_range(source, message, capfd, monkeypatch):
+    monkeypatch.delenv("OPENCV_FFMPEG_LOGLEVEL", raising=False)  # restored after main(program=True) sets it
+    assert main(["run", "--source", source], program=True) == 2  # as the command: OpenCV's warnings silenced
     err = capfd.readouterr().err
     assert message in err and "Traceback" not in err and "WARN" not in err
+
+
+@pytest.fixture
+def noisy_folder(tmp_path, astronaut_path):
+    """A good photograph and a PNG cut in half: libpng prints "libpng error: ..." on file descriptor 2 for it."""
+    folder = tmp_path / "noisy"
+    folder.mkdir()
+    shutil.copy(astronaut_path, folder / "a_good.jpg")
+    png = cv2.imencode(".png", cv2.imread(str(astronaut_path)))[1].tobytes()
+    (folder / "b_cut.png").write_bytes(png[:len(png) // 2])
+    return folder
+
+
+CUT_PNG = "could not be decoded: a 512x512 PNG file that is truncated or corrupt (or a format OpenCV cannot read)"
+
+
+def test_the_command_silences_the_image_libraries(noisy_folder):
+    """Run as the program (the `edgeface` command, `python -m edgeface`), stderr holds edgeface's own lines only:
+    libpng's message on the cut PNG is silenced."""
+    proc = subprocess.run([sys.executable, "-m", "edgeface", "detect", str(noisy_folder)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"edgeface: error: {noisy_folder / 'b_cut.png'} {CUT_PNG}",
+                                        "1 face(s) in 1 image(s), 1 failed (listed above)"]
+
+
+@pytest.mark.parametrize("command", [["detect"], ["run", "--source"]])
+def test_main_as_the_program_silences_the_image_libraries(noisy_folder, command, capfd, monkeypatch):
+    """main(argv, program=True), as a harness running the command in-process would call it: the same silence,
+    around decoding only; the library itself prints libpng's line (the application's stderr is its own)."""
+    from edgeface.errors import EdgefaceError
+    from edgeface.images import load_image
+
+    with pytest.raises(EdgefaceError):
+        load_image(noisy_folder / "b_cut.png")
+    assert "libpng error" in capfd.readouterr().err  # what there is to silence
+    monkeypatch.delenv("OPENCV_FFMPEG_LOGLEVEL", raising=False)
+    assert main([*command, str(noisy_folder), "--json"], program=True) == 2
+    out, err = capfd.readouterr()
+    assert [json.loads(line).get("error") for line in out.splitlines()] == [
+        None, f"{noisy_folder / 'b_cut.png'} {CUT_PNG}"]
+    assert "libpng" not in err and f"edgeface: error: {noisy_folder / 'b_cut.png'} {CUT_PNG}" in err
+    assert all(line.startswith(("edgeface", "  ", "1 face(s)")) for line in err.splitlines()), err
+    assert os.environ["OPENCV_FFMPEG_LOGLEVEL"] == "0"  # the program's own environment
+
+
+def test_main_called_from_python_leaves_file_descriptors_alone(noisy_folder, monkeypatch, capsys):
+    """main(argv) in a Python program changes no process-wide setting: no redirection of its stdout or stderr
+    (they are its other threads' too), no environment variable."""
+    def forbidden(*args):
+        raise AssertionError("main() redirected a file descriptor")
+
+    environment = dict(os.environ)
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "dup", forbidden)
+        patched.setattr(os, "dup2", forbidden)
+        assert main(["detect", str(noisy_folder), "--json"]) == 2
+        assert main(["run", "--source", str(noisy_folder), "--json"]) == 2
+    assert dict(os.environ) == environment
+    out, err = capsys.readouterr()
+    assert [json.loads(line).get("error") for line in out.splitlines()] == [
+        None, f"{noisy_folder / 'b_cut.png'} {CUT_PNG}", None, f"{noisy_folder / 'b_cut.png'} {CUT_PNG}"]
+
+
+def test_a_failure_is_reported_on_its_first_line(capsys):
+    """One line per bad file, the same helper as the runtimes' (edgeface.runtimes.base.first_line)."""
+    from edgeface.cli import _report_failure
+    from edgeface.errors import EdgefaceError
+
+    _report_failure("x.jpg", EdgefaceError("\n  x.jpg could not be decoded  \nC++ backtrace:\n  frame 1"), True,
+                    key="image")
+    out, err = capsys.readouterr()
+    assert err == "edgeface: error: x.jpg could not be decoded\n"
+    assert json.loads(out) == {"image": "x.jpg", "error": "x.jpg could not be decoded"}
+    _report_failure("y.jpg", EdgefaceError("not an image"), False, key="image")
+    assert capsys.readouterr() == ("", "edgeface: error: y.jpg: not an image\n")
+
+
+def _resize_help(command: list[str]) -> tuple[str, str]:
+    parser = build_parser()
+    for word in command:  # down to the subcommand's parser
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+    helps = {a.dest: " ".join(a.help.split()) for a in parser._actions if a.help}
+    return helps["resize"], helps["threads"]
+
+
+def test_each_command_states_its_own_resize_default(monkeypatch):
+    """The help states the default the command really uses, from the same value (bench: original, for timing each
+    size as given; eval: original, the WIDER protocol; detect / run: processing.DEFAULT_RESIZE)."""
+    import edgeface.detector
+    from edgeface.benchmarks.accuracy import WIDER_SETTINGS
+    from edgeface.cli import BENCH_RESIZE, BENCH_THREADS, _detector
+    from edgeface.processing import DEFAULT_RESIZE
+
+    opened = []
+
+    class Recorder:
+        def __init__(self, **options):
+            opened.append(options)
+
+    monkeypatch.setattr(edgeface.detector, "Detector", Recorder)
+    expected = {("detect",): (str(DEFAULT_RESIZE), "the runtime library's own choice"),
+                ("run",): (str(DEFAULT_RESIZE), "the runtime library's own choice"),
+                ("bench",): (BENCH_RESIZE, f"{BENCH_THREADS}; with --cpus, their count"),
+                ("eval", "widerface"): (WIDER_SETTINGS["default_resize"], "the runtime library's own choice")}
+    assert str(DEFAULT_RESIZE) == "max:640" and BENCH_RESIZE == WIDER_SETTINGS["default_resize"] == "original"
+    for command, (default, threads) in expected.items():
+        resize_help, threads_help = _resize_help(list(command))
+        assert f"(default: {default}," in resize_help, (command, resize_help)
+        assert f"(default: {threads}" in threads_help, (command, threads_help)
+        argv = [*command, "x"] if command == ("detect",) else [*command, "--source", "x"] if command == ("run",) \
+            else [*command, "--gt", "x"] if command[0] == "eval" else list(command)
+        _detector(build_parser().parse_args(argv))
+        assert str(opened[-1]["default_resize"]) == default, command
+
+
+def test_export_reports_sizes_in_binary_units(monkeypatch, capsys):
+    """Sizes are in MiB / GiB, as the README's limits (the model file: 1 MiB = 2**20 bytes)."""
+    import types
+
+    import edgeface.export.pipeline
+
+    manifest = types.SimpleNamespace(target="onnx", precision="fp32", parity={"status": "passed"}, accuracy=None)
+    bundle = types.SimpleNamespace(path=Path("bundles/x"), manifest=manifest, model_bytes=lambda: 3 * 2**19)
+    monkeypatch.setattr(edgeface.export.pipeline, "export_bundle", lambda *args, **kwargs: bundle)
+    assert main(["export", "--target", "onnx", "--no-verify"]) == 0
+    assert capsys.readouterr().out == f"{Path('bundles/x')}: onnx fp32, 1.50 MiB, parity passed\n"
 
 
 def test_a_file_name_too_long_is_one_line(capsys):

@@ -2,14 +2,18 @@
 
 import os
 import struct
+import threading
+import warnings
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from edgeface import Detector, EdgefaceError
-from edgeface.images import load_image
+from edgeface.images import load_image, output_names
 
 LIMIT_HINT = "set EDGEFACE_MAX_PIXELS to raise it if the image is genuine"
 
@@ -103,7 +107,7 @@ def test_huge_sparse_files_are_not_read(tmp_path, astronaut_jpeg):
         f.truncate(8 * 2**30)
     with pytest.raises(EdgefaceError) as error:
         load_image(padded)
-    assert str(error.value) == (f"{padded} is 8192 MB, far more than a 512x512 JPEG image needs: not a valid "
+    assert str(error.value) == (f"{padded} is 8192 MiB, far more than a 512x512 JPEG image needs: not a valid "
                                 "image file")
 
 
@@ -139,7 +143,9 @@ def test_unreadable_file(tmp_path, astronaut_jpeg):
     assert str(error.value) == f"cannot read {path}: permission denied (check the file's permissions)"
 
 
-def test_truncated_files_give_one_line_and_no_library_noise(tmp_path, astronaut_path, astronaut_jpeg, capfd):
+def test_truncated_files_give_one_line(tmp_path, astronaut_path, astronaut_jpeg):
+    """The library answers in one line; libpng may print its own warning on stderr before it (the process's stderr
+    is the application's: the edgeface command silences it, tests/test_cli_reliability.py)."""
     image = cv2.imread(str(astronaut_path))
     png = cv2.imencode(".png", image)[1].tobytes()
     (tmp_path / "cut.png").write_bytes(png[:len(png) // 2])
@@ -158,7 +164,156 @@ def test_truncated_files_give_one_line_and_no_library_noise(tmp_path, astronaut_
         assert load_image(tmp_path / "cut.jpg").shape == (512, 512, 3)
     except EdgefaceError as error:
         assert "cut.jpg could not be decoded: a 512x512 JPEG file that is truncated or corrupt" in str(error)
-    assert capfd.readouterr().err == ""  # libpng / libjpeg print nothing of their own
+
+
+BOMBS = {"20000x20000 PNG": (lambda jpeg: _png(20000, 20000), "20000x20000 PNG image (400.0 megapixels)"),
+         "65000x65000 JPEG": (lambda jpeg: _jpeg_claiming(jpeg, 65000, 65000),
+                              "65000x65000 JPEG image (4225.0 megapixels)")}
+
+
+@pytest.mark.parametrize("pillow_limit", [None, 1000, Image.MAX_IMAGE_PIXELS])
+def test_pillow_limit_is_the_applications_and_never_changed(astronaut_path, astronaut_jpeg, pillow_limit,
+                                                             monkeypatch):
+    """edgeface's limit decides, whatever the application set as Pillow's (None: no check; 1000: stricter than any
+    photo; Pillow's default), and Pillow's setting is the same before, during and after every load."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
+    seen = []
+    real_open = Image.open
+
+    def spying_open(*args, **kwargs):
+        seen.append(Image.MAX_IMAGE_PIXELS)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", spying_open)
+    reference = cv2.imread(str(astronaut_path))
+    np.testing.assert_array_equal(load_image(astronaut_path), reference)  # 262144 pixels: over 2 x 1000
+    np.testing.assert_array_equal(load_image(astronaut_jpeg), reference)
+    for name, (make, declared) in BOMBS.items():
+        with pytest.raises(EdgefaceError) as error:
+            load_image(make(astronaut_jpeg))
+        assert str(error.value) == (f"image bytes ({len(make(astronaut_jpeg))} bytes) declares a {declared}, over "
+                                    f"edgeface's limit of 200 megapixels: {LIMIT_HINT}"), name
+    assert seen and all(limit == pillow_limit for limit in seen)
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit
+
+
+def test_pillow_bomb_warning_as_an_error_does_not_refuse_a_photo(astronaut_path, monkeypatch):
+    """An application that turns warnings into errors makes Pillow raise DecompressionBombWarning between its limit
+    and twice it: caught where the header is read, and edgeface's own limit decides."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)  # the 512x512 photo is between 200000 and 400000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Image.DecompressionBombWarning):
+            Image.open(astronaut_path)
+        np.testing.assert_array_equal(load_image(astronaut_path), cv2.imread(str(astronaut_path)))
+        monkeypatch.setenv("EDGEFACE_MAX_PIXELS", "100000")
+        with pytest.raises(EdgefaceError) as error:
+            load_image(astronaut_path)
+    assert str(error.value) == (f"{astronaut_path} declares a 512x512 JPEG image (0.3 megapixels), over edgeface's "
+                                f"limit of 0.1 megapixels: {LIMIT_HINT}")
+
+
+def test_a_format_that_checks_pillows_limit_itself_is_one_line(astronaut_jpeg, monkeypatch):
+    import edgeface.images
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+
+    def refusing(file):
+        raise Image.DecompressionBombError("Image size (262144 pixels) exceeds limit of 2000 pixels, could be "
+                                           "decompression bomb DOS attack.")
+
+    monkeypatch.setattr(edgeface.images, "_open_past_pillow_limit", refusing)
+    with pytest.raises(EdgefaceError) as error:
+        load_image(astronaut_jpeg)
+    assert str(error.value) == (
+        f"image bytes ({len(astronaut_jpeg)} bytes) was refused by Pillow as a possible decompression bomb (Image "
+        "size (262144 pixels) exceeds limit of 2000 pixels, could be decompression bomb DOS attack.); edgeface "
+        "reads images of at most 200 megapixels")
+
+
+def test_an_8000x6000_photo_is_read(tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(_png(8000, 6000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even a warning from Pillow (48 megapixels)
+        image = load_image(path)
+    assert image.shape == (6000, 8000, 3) and image.dtype == np.uint8 and not image.any()
+
+
+def test_decoding_leaves_file_descriptors_alone(tmp_path, astronaut_path, monkeypatch):
+    """No process-wide redirection of stderr while decoding: another thread's messages must get through."""
+    image = cv2.imread(str(astronaut_path))
+    png = cv2.imencode(".png", image)[1].tobytes()
+    (tmp_path / "cut.png").write_bytes(png[:len(png) // 2])
+
+    def forbidden(*args):
+        raise AssertionError("load_image redirected a file descriptor")
+
+    with monkeypatch.context() as patched:  # only around the loads: pytest's own capture uses dup2
+        patched.setattr(os, "dup", forbidden)
+        patched.setattr(os, "dup2", forbidden)
+        np.testing.assert_array_equal(load_image(astronaut_path), image)
+        with pytest.raises(EdgefaceError) as error:
+            load_image(tmp_path / "cut.png")
+    assert str(error.value) == (f"{tmp_path / 'cut.png'} could not be decoded: a 512x512 PNG file that is "
+                                "truncated or corrupt (or a format OpenCV cannot read)")
+
+
+@pytest.mark.parametrize("stage", ["header", "decode"])
+def test_threads_read_headers_and_decode_at_the_same_time(astronaut_path, stage, monkeypatch):
+    """Two threads are inside Pillow's header reading (or OpenCV's decoding) together: nothing serialises them.
+    With a lock around either, the barrier would never fill and the loads would fail."""
+    barrier = threading.Barrier(2, timeout=20)
+    module, name = (Image, "open") if stage == "header" else (cv2, "imdecode")
+    real = getattr(module, name)
+
+    def meeting(*args, **kwargs):
+        barrier.wait()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, meeting)
+    results: list = [None, None]
+
+    def load(i):
+        try:
+            results[i] = load_image(astronaut_path)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    reference = cv2.imread(str(astronaut_path))
+    for result in results:
+        assert isinstance(result, np.ndarray), result
+        np.testing.assert_array_equal(result, reference)
+
+
+def test_opencv_errors_are_one_line_without_its_source_location(astronaut_jpeg, monkeypatch):
+    """A cv2.error (e.g. over $OPENCV_IO_MAX_IMAGE_PIXELS) reads as OpenCV's reason, not its C++ file and line."""
+    def failing(*args):
+        return cv2.cvtColor(np.zeros((2, 2, 5), np.uint8), cv2.COLOR_BGR2GRAY)  # raises cv2.error
+
+    with pytest.raises(cv2.error) as raised:
+        failing()
+    monkeypatch.setattr(cv2, "imdecode", failing)
+    with pytest.raises(EdgefaceError) as error:
+        load_image(astronaut_jpeg)
+    message = str(error.value)
+    assert message == (f"image bytes ({len(astronaut_jpeg)} bytes) could not be decoded by OpenCV: Invalid number "
+                       "of channels in input image: 'VScn::contains(scn)' where 'scn' is 5")
+    assert "\n" in raised.value.err and str(raised.value).startswith("OpenCV(")  # what the message must not be
+
+
+def test_output_names_never_give_two_images_one_name(tmp_path):
+    names = ["a.jpg", "a.png", "a.jpg.png", "b.v1.jpg", "b.v2.jpg", "sub/a.jpg", "sub/c.PNG"]
+    paths = [tmp_path / name for name in names]
+    assert output_names(paths, tmp_path) == {
+        tmp_path / "a.jpg": "a.jpg", tmp_path / "a.png": "a.png", tmp_path / "a.jpg.png": "a.jpg.png",
+        tmp_path / "b.v1.jpg": "b.v1", tmp_path / "b.v2.jpg": "b.v2", tmp_path / "sub/a.jpg": str(Path("sub/a")),
+        tmp_path / "sub/c.PNG": str(Path("sub/c"))}
 
 
 @pytest.fixture(scope="module")
