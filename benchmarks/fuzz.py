@@ -1128,7 +1128,7 @@ def worker(spec_file: str, result_fd: int) -> None:
 
 def _run_cli(main, argv: list[str]) -> int:
     try:
-        return int(main(argv) or 0)
+        return int(main(argv, program=True) or 0)
     except SystemExit as exc:  # argparse
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except MemoryError:
@@ -1140,7 +1140,7 @@ def _run_cli(main, argv: list[str]) -> int:
 
 
 def _run_api(case: Case, namespace: dict, shared: list, Detector, EdgefaceError) -> dict[str, Any]:
-    from edgeface.runtimes.base import first_line
+    from edgeface.errors import first_line
 
     try:
         if case.input is not None:

@@ -157,7 +157,7 @@ def read_reference(bundle_dir) -> tuple[Any, list[tuple[Path, Detections]]]:
 
     from edgeface.bundle import _inside
     from edgeface.processing import ResizePolicy
-    from edgeface.runtimes.base import first_line
+    from edgeface.errors import first_line
 
     root = Path(bundle_dir)
     where = root / REFERENCE_FILE

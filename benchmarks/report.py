@@ -15,7 +15,7 @@ from typing import Any
 from edgeface.benchmarks.bench import SCHEMA, SCHEMA_VERSION
 from edgeface.errors import EdgefaceError
 from edgeface.files import atomic_write
-from edgeface.runtimes.base import first_line
+from edgeface.errors import first_line
 
 # AP as a fraction (0-1), as WIDER FACE publishes it; its change against FP32 PyTorch in AP points (1 point = 0.01),
 # as the README states targets. threads and cores tell apart runs of one device.

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import jsonschema
 
-from edgeface.errors import EdgefaceError
+from edgeface.errors import EdgefaceError, first_line
 from edgeface.face import LANDMARK_NAMES
 from edgeface.files import _umask, atomic_write, sha256_file
 
@@ -214,7 +214,7 @@ def read_manifest(manifest_file: Path) -> dict[str, Any]:
         data = json.loads(manifest_file.read_bytes().decode("utf-8"), parse_float=_parse_float,
                           parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:120]
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else first_line(exc)[:120]
         raise EdgefaceError(f"{where} is not valid JSON ({reason}); re-export the bundle") from None
     huge = _not_finite(data)
     if huge is not None:
@@ -375,7 +375,7 @@ def _files_problem(m: dict[str, Any]) -> str | None:
     if engine is not None and (m["target"] != "tensorrt" or not engine.endswith(".engine")
                                or engine.startswith(OPTIONAL_PREFIX)):
         return (f"field files.engine {engine!r}: only a tensorrt bundle has an engine file (*.engine, written by "
-                "`edgeface build-engine`)")
+                "`edgeface build-engine BUNDLE`)")
     return None
 
 
@@ -448,7 +448,8 @@ def _tensorrt_problem(m: dict[str, Any], info: dict[str, Any]) -> str | None:
             return (f"field target_info.build.profile.{key} {build['profile'][key]}, expected {expected} (input.shape "
                     f"{m['input']['shape']} with the {key} of each dynamic range)")
     if "engine" in m["files"] and "engine" not in info:
-        return "field target_info.engine is missing, but files names an engine (written by `edgeface build-engine`)"
+        return ("field target_info.engine is missing, but files names an engine (written by "
+                "`edgeface build-engine BUNDLE`)")
     return None
 
 
@@ -625,7 +626,7 @@ def _warn(message: str) -> None:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first_line(exc)
 
 
 def recover_publication(final: str | os.PathLike, *, strict: bool = False) -> None:

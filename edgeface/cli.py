@@ -148,7 +148,7 @@ def _report_failure(name: str, exc: EdgefaceError, as_json: bool, *, key: str) -
     """One line on stderr (above any progress bar), and a JSON record in the stream when --json."""
     from tqdm import tqdm
 
-    from edgeface.runtimes.base import first_line
+    from edgeface.errors import first_line
 
     message = first_line(exc)
     if name not in message:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from edgeface import files
-from edgeface.errors import EdgefaceError
+from edgeface.errors import EdgefaceError, first_line
 
 WEIGHTS_ENV = "EDGEFACE_WEIGHTS"
 CACHE_ENV = "EDGEFACE_CACHE"
@@ -132,8 +132,8 @@ def _check_archive(path: Path) -> None:
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
             raise EdgefaceError(f"{path} is a damaged checkpoint archive ({exc})") from None
     if declared > MAX_CHECKPOINT_BYTES:
-        raise EdgefaceError(f"{path} declares {declared / 1e9:.1f} GB of tensors, more than any RetinaFace "
-                            f"checkpoint (limit {MAX_CHECKPOINT_BYTES / 1e9:.1f} GB); refusing to load it")
+        raise EdgefaceError(f"{path} declares {declared / 2**30:.2f} GiB of tensors, more than any RetinaFace "
+                            f"checkpoint (limit {MAX_CHECKPOINT_BYTES / 2**30:g} GiB); refusing to load it")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -150,7 +150,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged files (IndexError, KeyError, RuntimeError...)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc)[:160]
         raise EdgefaceError(
             f"{path} is not a loadable PyTorch checkpoint ({first}); edgeface loads plain state_dicts only "
             "(weights_only=True), never pickled code"

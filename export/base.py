@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeface.errors import EdgefaceError
+from edgeface.errors import EdgefaceError, first_line
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,5 @@ def _with_log(exc: Exception, what: str, log) -> EdgefaceError:
         where = f" (the converters' output: {path})"
     if isinstance(exc, EdgefaceError):
         return EdgefaceError(f"{exc}{where}")
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    detail = f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
     return EdgefaceError(f"the {what} failed ({detail}){where}")

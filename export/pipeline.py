@@ -158,7 +158,7 @@ def calibration_tensors(model, paths: list[Path], policy: ResizePolicy, log, *, 
     An image that cannot be read (missing, unreadable, not an image, truncated, over the pixel limit) is skipped
     with one line naming it. With ``count_faces``, also how many of the read images hold a face the FP32 model
     finds (:func:`_warn_few_faces`)."""
-    from edgeface.runtimes.base import first_line
+    from edgeface.errors import first_line
 
     detector = None
     if count_faces:

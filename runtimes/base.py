@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeface.bundle import Bundle, Manifest
-from edgeface.errors import EdgefaceError
+from edgeface.errors import EdgefaceError, first_line
 from edgeface.processing import ResizePolicy
 
 OUTPUTS = ("loc", "conf", "landmarks")
@@ -121,12 +121,6 @@ def dequantize(tensor: np.ndarray, quantization: dict[str, float] | None) -> np.
     if quantization is None:
         return tensor.astype(np.float32, copy=False)
     return ((tensor.astype(np.float32) - quantization["zero_point"]) * quantization["scale"]).astype(np.float32)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (backends raise multi-line C++ reports)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def require(module: str, extra: str, purpose: str):

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from edgeface.bundle import Bundle
-from edgeface.errors import EdgefaceError
-from edgeface.runtimes.base import OUTPUTS, Runtime, first_line, require
+from edgeface.errors import EdgefaceError, first_line
+from edgeface.runtimes.base import OUTPUTS, Runtime, require
 
 COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE",
                  # short forms

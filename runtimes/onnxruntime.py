@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from edgeface.bundle import Bundle
-from edgeface.errors import EdgefaceError
-from edgeface.runtimes.base import OUTPUTS, Runtime, first_line
+from edgeface.errors import EdgefaceError, first_line
+from edgeface.runtimes.base import OUTPUTS, Runtime
 
 # In order of preference when the caller does not choose.
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from edgeface.bundle import Bundle
-from edgeface.errors import EdgefaceError
-from edgeface.runtimes.base import OUTPUTS, Runtime, dequantize, first_line, quantize
+from edgeface.errors import EdgefaceError, first_line
+from edgeface.runtimes.base import OUTPUTS, Runtime, dequantize, quantize
 
 # Interpreter modules in order of preference: (module, distribution name for the version).
 INTERPRETERS = (("ai_edge_litert.interpreter", "ai-edge-litert"), ("tflite_runtime.interpreter", "tflite-runtime"))

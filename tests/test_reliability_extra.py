@@ -20,7 +20,7 @@ from edgeface.bundle import load_bundle, write_manifest
 from edgeface.images import load_image
 from edgeface.processing import ResizePolicy, preprocess
 from edgeface.runtimes import get_runtime_class, list_runtimes, open_runtime
-from edgeface.runtimes.base import first_line
+from edgeface.errors import first_line
 
 SIZE = (96, 96)  # the smallest multiple of 32 at which the FP32 model finds the astronaut (score 0.97)
 
