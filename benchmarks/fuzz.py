@@ -56,20 +56,22 @@ import zipfile
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeface.core.errors import EdgefaceError, first_line
+from edgeface.core.face import Face
+from edgeface.core.files import cache_dir
+from edgeface.core.images import ASTRONAUT
+from edgeface.inference.detector import Detector
+
 OUTCOMES = ("correct", "clear error", "wrong", "unclear error", "traceback", "hang", "memory", "data lost", "not run")
 FAILURES = ("wrong", "unclear error", "traceback", "hang", "memory", "data lost")
 KINDS = ("data-loss", "image", "bundle", "weights", "cli")
 SEED = 9
-ASTRONAUT = Path(__file__).resolve().parents[1] / "edgeface" / "assets" / "astronaut.jpg"
-if not ASTRONAUT.is_file():  # installed (not editable): the package's own copy
-    import edgeface
-
-    ASTRONAUT = Path(edgeface.__file__).resolve().parent / "assets" / "astronaut.jpg"
 SHARED = Path(os.environ.get("EDGEFACE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 WIDER = SHARED / "data" / "widerface" / "val" / "images"  # a few real photographs, when present
 HEAVY_EXPORT = ["--target", "onnx", "--precision", "fp32", "--imgsz", "320x320", "--no-verify"]
@@ -754,8 +756,6 @@ def bundle_cases(fx: Fixtures, bundles: dict[str, Path]) -> list[Case]:
 def weights_cases(fx: Fixtures) -> list[Case]:
     import torch
 
-    from edgeface.weights import cache_dir
-
     w = fx.root / "weights"
     w.mkdir(exist_ok=True)
     rng = random.Random(SEED + 1)
@@ -1068,7 +1068,6 @@ def _limit_memory(gb: float) -> None:
 
 def summarize_faces(value: Any) -> Any:
     """Faces -> plain data: {"faces": [[box...], ...]} or a list of those for a batch."""
-    from edgeface.face import Face
 
     if isinstance(value, list) and all(isinstance(f, Face) for f in value):
         return [[round(float(v), 2) for v in f.box] for f in value]
@@ -1084,10 +1083,10 @@ def worker(spec_file: str, result_fd: int) -> None:
     deadline = spec["deadline"]
     import cv2
 
-    from edgeface.cli import main
-    from edgeface.detector import Detector
-    from edgeface.errors import EdgefaceError
-
+    # The installed `edgeface` command, found through its entry point as a shell finds it (the battery drives the
+    # command line from above; it is not a library this package imports).
+    (command,) = entry_points(group="console_scripts", name="edgeface")
+    cli_main = command.load()
     namespace: dict[str, Any] = {"np": np, "cv2": cv2, "Path": Path, "ASTRO": str(ASTRONAUT), "Detector": Detector,
                                  "IMG": cv2.imread(str(ASTRONAUT)), "F": spec["fixtures"]}
     try:
@@ -1115,7 +1114,7 @@ def worker(spec_file: str, result_fd: int) -> None:
         try:
             os.chdir(case.cwd or folder)
             if case.argv is not None:
-                record["rc"] = _run_cli(main, case.argv)
+                record["rc"] = _run_cli(cli_main, case.argv)
             else:
                 record.update(_run_api(case, namespace, shared, Detector, EdgefaceError))
         finally:
@@ -1140,8 +1139,6 @@ def _run_cli(main, argv: list[str]) -> int:
 
 
 def _run_api(case: Case, namespace: dict, shared: list, Detector, EdgefaceError) -> dict[str, Any]:
-    from edgeface.errors import first_line
-
     try:
         if case.input is not None:
             if not shared:
@@ -1284,7 +1281,6 @@ class Runner:
         """A prefix that runs the command in a private mount namespace where every file system is read-only but a
         fresh tmpfs (its HOME, TMPDIR and a copy of the weights cache): `--out /` as root cannot destroy the
         machine, and sees what an ordinary user sees (a root it cannot write)."""
-        from edgeface.weights import cache_dir
 
         scratch = folder / "scratch"
         scratch.mkdir(exist_ok=True)
@@ -1339,7 +1335,7 @@ class Runner:
         return {"rc": 0, "notes": notes}
 
     def _loads(self, bundle: Path) -> bool:
-        code = "import sys; from edgeface.bundle import load_bundle; load_bundle(sys.argv[1])"
+        code = "import sys; from edgeface.core.bundle import load_bundle; load_bundle(sys.argv[1])"
         return subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, timeout=120,
                               env=self._env({})).returncode == 0
 

@@ -8,9 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeface.errors import EdgefaceError
-from edgeface.files import atomic_write
-from edgeface.runtimes.base import require
+from edgeface.core.errors import EdgefaceError, require
+from edgeface.core.files import atomic_write
 
 SUBSETS = ("easy", "medium", "hard")
 

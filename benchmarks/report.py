@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeface.benchmarks.bench import SCHEMA, SCHEMA_VERSION
-from edgeface.errors import EdgefaceError
-from edgeface.files import atomic_write
-from edgeface.errors import first_line
+
+from edgeface.core.errors import EdgefaceError, first_line
+from edgeface.core.files import atomic_write
 
 # AP as a fraction (0-1), as WIDER FACE publishes it; its change against FP32 PyTorch in AP points (1 point = 0.01),
 # as the README states targets. threads and cores tell apart runs of one device.
@@ -28,7 +28,7 @@ CSV_HEADER = ",".join(COLUMNS[:3])  # how a bench table written by to_csv starts
 def load_report(path: str | os.PathLike) -> dict[str, Any]:
     """A ``bench.json`` record, checked: readable JSON, an object of the edgeface.bench schema at this version, and
     every field the tables and plots read of the type ``edgeface bench`` writes. Raises
-    :class:`~edgeface.errors.EdgefaceError` in one line naming the file (and the field)."""
+    :class:`~edgeface.core.errors.EdgefaceError` in one line naming the file (and the field)."""
     path = Path(path)
     expected = "expected a bench.json written by `edgeface bench`"
     try:

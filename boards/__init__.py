@@ -1,1 +1,1 @@
-"""Board profiles (TOML), read by edgeface.board_profiles."""
+"""Board profiles (TOML), read by edgeface.boards.profiles."""

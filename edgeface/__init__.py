@@ -1,9 +1,12 @@
-"""edgeface: RetinaFace from one PyTorch definition to every edge target."""
+"""edgeface: RetinaFace from one PyTorch definition to every edge target.
 
-from edgeface.detector import Detector
-from edgeface.errors import EdgefaceError
-from edgeface.face import LANDMARK_NAMES, Face
-from edgeface.models import get_model, list_models
+The public API. It imports no PyTorch: a device that only runs exported bundles installs edgeface without it
+(``edgeface.models`` and ``edgeface.export`` need the ``export`` extra).
+"""
 
-__all__ = ["Detector", "EdgefaceError", "Face", "LANDMARK_NAMES", "get_model", "list_models"]
-__version__ = "0.1.0"
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.face import LANDMARK_NAMES, Face
+from edgeface.core.versions import __version__
+from edgeface.inference.detector import Detector
+
+__all__ = ["Detector", "EdgefaceError", "Face", "LANDMARK_NAMES", "__version__"]

@@ -10,8 +10,21 @@ import sys
 import time
 from pathlib import Path
 
-from edgeface.errors import EdgefaceError
-from edgeface.processing import DEFAULT_RESIZE, MAX_THREADS
+from edgeface.benchmarks.baseline import BASELINES, open_baseline
+from edgeface.benchmarks.bench import bench, device_info, parse_sizes, report
+from edgeface.benchmarks.plots import plot_merged, plot_report
+from edgeface.benchmarks.report import header, load_report, rows, to_markdown, write_tables
+from edgeface.boards.profiles import get_board, list_boards
+from edgeface.core.errors import EdgefaceError, first_line
+from edgeface.core.files import atomic_write, captured_output
+from edgeface.core.images import IMAGE_SUFFIXES, draw_faces, list_images, load_image, output_names
+from edgeface.core.parity import LOOSE_THRESHOLD, compare
+from edgeface.core.processing import DEFAULT_RESIZE, MAX_THREADS
+from edgeface.core.versions import __version__
+from edgeface.evaluation.accuracy import WIDER_SETTINGS, default_image_dir, evaluate_detector, spread
+from edgeface.evaluation.widerface import evaluate, load_ground_truth, read_predictions
+from edgeface.inference import stream
+from edgeface.inference.detector import Detector
 
 # bench times each image size as given (VGA, HD, 4K), not scaled down, on one thread unless told otherwise.
 BENCH_RESIZE = "original"
@@ -72,8 +85,6 @@ def _count(low: int, high: int | None = None):
 
 
 def _detector(args: argparse.Namespace, **overrides):
-    from edgeface.detector import Detector
-
     slope = {"relu": 0.0, "leaky": 0.1, None: None}[args.activation]
     overrides.setdefault("default_resize", args.default_resize)  # the default the command's --resize help states
     return Detector(runtime=args.runtime, model=args.model, backbone=args.backbone, weights=args.weights,
@@ -81,8 +92,6 @@ def _detector(args: argparse.Namespace, **overrides):
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from edgeface.images import list_images, load_image, output_names
-
     source = Path(args.source)
     if not (source.is_dir() or source.is_file()):
         raise EdgefaceError(f"no such image or folder: {source}")
@@ -138,17 +147,14 @@ def _quiet_decoding(args: argparse.Namespace):
     if not getattr(args, "program", False):
         yield
         return
-    from edgeface.export.base import _captured
 
-    with open(os.devnull, "wb") as null, _captured(null):
+    with open(os.devnull, "wb") as null, captured_output(null):
         yield
 
 
 def _report_failure(name: str, exc: EdgefaceError, as_json: bool, *, key: str) -> None:
     """One line on stderr (above any progress bar), and a JSON record in the stream when --json."""
     from tqdm import tqdm
-
-    from edgeface.errors import first_line
 
     message = first_line(exc)
     if name not in message:
@@ -181,7 +187,7 @@ class _Outputs:
     notes, an input image, a folder): that is refused in one line naming the file, before any work where the names
     are known in advance (images, folders), else at the first such file (video frames). The input folder itself
     is refused as the output folder; one inside it is left out when the inputs are listed. Each file is written
-    whole or not at all (:func:`edgeface.files.atomic_write`)."""
+    whole or not at all (:func:`edgeface.core.files.atomic_write`)."""
 
     def __init__(self, folder: Path, option: str, source: Path):
         self.folder, self.option, self.replaced = folder, option, 0
@@ -221,8 +227,6 @@ class _Outputs:
         """``name.jpg``: the image with the faces drawn, marked as edgeface's."""
         import cv2
 
-        from edgeface.images import draw_faces
-
         path = _suffixed(self.folder / name, ".jpg")
         ok, encoded = cv2.imencode(".jpg", draw_faces(image, faces))
         if not ok:
@@ -234,8 +238,6 @@ class _Outputs:
         self._write(_suffixed(self.folder / name, ".json"), json.dumps(record, indent=2).encode())
 
     def _write(self, path: Path, data: bytes) -> None:
-        from edgeface.files import atomic_write
-
         replacing = self._replaces(path)  # again at write time: a video's frames, a file created meanwhile
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
         self.replaced += replacing
@@ -290,9 +292,6 @@ def _progress(items, **options):
 
 
 def cmd_eval_widerface(args: argparse.Namespace) -> int:
-    from edgeface.benchmarks.accuracy import WIDER_SETTINGS, evaluate_detector
-    from edgeface.benchmarks.widerface import evaluate, load_ground_truth, read_predictions
-
     gt = load_ground_truth(args.gt)
     started = time.perf_counter()
     if args.preds:
@@ -334,7 +333,7 @@ def _imgsz(text: str) -> list[tuple[int, int]]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from edgeface.export.pipeline import default_image_dir, export_bundle
+    from edgeface.export.pipeline import export_bundle  # deferred: PyTorch and the converters (export extra)
 
     evaluate = None
     if args.eval:
@@ -416,10 +415,6 @@ def _pin_cpus(text: str) -> set[int]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from edgeface.benchmarks.bench import bench, device_info, parse_sizes, report
-    from edgeface.export.pipeline import default_image_dir
-    from edgeface.files import atomic_write
-
     if args.board:
         board_size = "x".join(map(str, args.board.imgsz)) if args.board.imgsz else None
         _apply_board(args, runtime=args.board.runtime if args.model else None, threads=args.board.threads or None,
@@ -445,7 +440,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = {"sizes": sizes, "warmup": args.warmup, "iters": args.iters, "data": data,
                "progress": sys.stderr.isatty()}
     if args.all:
-        from edgeface.benchmarks.bench import bench_all
+        from edgeface.benchmarks.matrix import bench_all  # deferred: PyTorch and the converters (export extra)
 
         def open_model(bundle):
             args.model = bundle
@@ -456,8 +451,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         baseline = None
         if args.baseline:
-            from edgeface.benchmarks.baseline import open_baseline
-
             baseline = open_baseline(args.baseline, threads=args.threads)
 
         def open_model():
@@ -473,7 +466,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "bench.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
-    from edgeface.benchmarks.report import header, rows, to_markdown, write_tables
 
     table = rows(record)
     write_tables(table, out / "bench.md", title=header(record))
@@ -511,8 +503,6 @@ def _print_result(result: dict) -> None:
 
 
 def _plots(record: dict, out: Path) -> list[Path]:
-    from edgeface.benchmarks.plots import plot_report
-
     try:
         return plot_report(record, out)
     except EdgefaceError as exc:  # a board with a minimal install still gets its JSON, Markdown and CSV
@@ -521,9 +511,6 @@ def _plots(record: dict, out: Path) -> list[Path]:
 
 
 def cmd_report_merge(args: argparse.Namespace) -> int:
-    from edgeface.benchmarks.plots import plot_merged
-    from edgeface.benchmarks.report import load_report, rows, write_tables
-
     records = [load_report(path) for path in args.reports]
     markdown, table_csv = write_tables([row for record in records for row in rows(record)], args.out)
     written = [markdown, table_csv]
@@ -536,8 +523,6 @@ def cmd_report_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_boards(args: argparse.Namespace) -> int:
-    from edgeface.board_profiles import list_boards
-
     boards = list_boards()
     if args.json:
         print(json.dumps([b.to_dict() for b in boards], indent=2))
@@ -550,7 +535,7 @@ def cmd_boards(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from edgeface.export.tensorrt import build_engine
+    from edgeface.export.tensorrt import build_engine  # deferred: PyTorch and the converters (export extra)
 
     print(build_engine(args.bundle, workspace_mb=args.workspace_mb, verify=not args.no_verify))
     return 0
@@ -558,9 +543,6 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import collections
-
-    from edgeface import stream
-    from edgeface.images import IMAGE_SUFFIXES, list_images, output_names
 
     if args.board:
         _apply_board(args, runtime=args.board.runtime if args.model else None, threads=args.board.threads or None)
@@ -632,8 +614,6 @@ def _rolling(recent) -> str:
 
 def _compare_side(spec: str, args: argparse.Namespace, policy=None):
     """'torch' (with --weights), a bundle directory, or BUNDLE@RUNTIME."""
-    from edgeface.benchmarks.parity import LOOSE_THRESHOLD
-    from edgeface.detector import Detector
 
     model, _, runtime = spec.partition("@")
     if model == "torch":
@@ -643,10 +623,6 @@ def _compare_side(spec: str, args: argparse.Namespace, policy=None):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from edgeface.benchmarks.parity import compare
-    from edgeface.export.pipeline import spread
-    from edgeface.images import list_images, load_image
-
     paths = list_images(args.images)
     if not paths:
         raise EdgefaceError(f"no images found under {args.images}")
@@ -662,8 +638,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _board(name: str):
-    from edgeface.board_profiles import get_board
-
     try:
         return get_board(name)
     except EdgefaceError as exc:
@@ -671,10 +645,6 @@ def _board(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgeface import __version__
-    from edgeface.benchmarks.accuracy import WIDER_SETTINGS
-    from edgeface.benchmarks.baseline import BASELINES
-
     parser = argparse.ArgumentParser(prog="edgeface", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edgeface {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

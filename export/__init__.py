@@ -7,7 +7,9 @@ import difflib
 import importlib
 from collections.abc import Callable
 
-from edgeface.errors import EdgefaceError
+from edgeface.export.base import quiet
+
+from edgeface.core.errors import EdgefaceError
 
 _CONVERTERS = {
     "onnx": "edgeface.export.onnx:convert",
@@ -62,8 +64,6 @@ def get_converter(target: str) -> Callable:
     module, func = _CONVERTERS[resolve_target(target)].split(":")
 
     def convert(model, out_dir, request):
-        from edgeface.export.base import quiet
-
         with quiet(f"{request.target} {request.precision} conversion"):
             return getattr(importlib.import_module(module), func)(model, out_dir, request)
 

@@ -6,21 +6,19 @@ atomic publication)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import sys
 import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeface.errors import EdgefaceError, first_line
+from edgeface.core.errors import EdgefaceError, first_line
+from edgeface.core.files import captured_output
 
 
 @dataclass(frozen=True)
@@ -58,18 +56,6 @@ class Conversion:
     extra: dict[str, Any] = field(default_factory=dict)  # target-specific manifest section (e.g. tensorrt build)
 
 
-def library_versions(*names: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in names:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 # Loggers of the converters' libraries (and the root logger, where onnxruntime's quantizer logs), set to ERROR
 # during a conversion.
 CONVERTER_LOGGERS = ("", "absl", "tensorflow", "jax", "torch", "torchao", "onnx", "onnxruntime", "onnxscript",
@@ -99,7 +85,7 @@ def quiet(what: str) -> Iterator[None]:
             for name in CONVERTER_LOGGERS:
                 logging.getLogger(name).setLevel(logging.ERROR)
             try:
-                with _captured(log):
+                with captured_output(log):
                     yield
             except Exception as exc:
                 raise _with_log(exc, what, log) from (None if isinstance(exc, EdgefaceError) else exc)
@@ -108,35 +94,6 @@ def quiet(what: str) -> Iterator[None]:
                     logging.getLogger(name).setLevel(level)
     finally:
         _quiet_lock.release()
-
-
-@contextlib.contextmanager
-def _captured(log) -> Iterator[None]:
-    """stdout / stderr, Python's objects and file descriptors 1 and 2, into the file ``log``."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    saved: list[tuple[int, int]] = []
-    try:
-        for fd in (1, 2):
-            saved.append((fd, os.dup(fd)))
-            os.dup2(log.fileno(), fd)
-    except OSError:  # no such descriptor (a daemon): Python-level capture only
-        pass
-    text = open(os.dup(log.fileno()), "w", encoding="utf-8", errors="replace", buffering=1)  # noqa: SIM115
-    try:
-        with text, contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
-            yield
-    finally:
-        _flush_c_stdio()  # native output still in C's buffers belongs to the log, not to the terminal later
-        for fd, copy in saved:
-            os.dup2(copy, fd)
-            os.close(copy)
-
-
-def _flush_c_stdio() -> None:
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).fflush(None)
 
 
 def _with_log(exc: Exception, what: str, log) -> EdgefaceError:

@@ -18,18 +18,23 @@ from __future__ import annotations
 import collections
 import sys
 import warnings
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from edgeface.errors import EdgefaceError
-from edgeface.export.base import Conversion, ExportRequest, library_versions
+from edgeface.export.base import Conversion, ExportRequest
 from edgeface.export.coreml_mil import MILProgramRuntime, UnsupportedOp, load_program, single_thread
-from edgeface.processing import ResizePolicy, preprocess
-from edgeface.runtimes.base import OUTPUTS, require
+from edgeface.export.pipeline import PARITY_IMAGES
+
+from edgeface.core.bundle import OUTPUT_MEANINGS, OUTPUTS, manifest_for_model
+from edgeface.core.errors import EdgefaceError, require
+from edgeface.core.images import ASTRONAUT, list_images, load_image
+from edgeface.core.parity import compare
+from edgeface.core.processing import ResizePolicy, preprocess
+from edgeface.core.versions import library_versions
+from edgeface.evaluation.accuracy import default_image_dir, spread
+from edgeface.inference.detector import Detector
 
 MODEL_FILE = "model.mlpackage"
 DEBUG_MAP = "executorch_debug_handle_mapping.json"
@@ -324,10 +329,8 @@ def check_package(path: Path, *, kind: str, sizes: list[tuple[int, int]], precis
 
 def _reference_images() -> list[np.ndarray]:
     """The astronaut plus WIDER FACE images when the shared data is present (as the pipeline's parity set)."""
-    from edgeface.export.pipeline import PARITY_IMAGES, default_image_dir, spread
-    from edgeface.images import list_images, load_image
 
-    paths = [resources.files("edgeface") / "assets" / "astronaut.jpg"]
+    paths = [ASTRONAUT]
     folder = default_image_dir()
     if folder:
         paths += spread(list_images(folder), min(PARITY_IMAGES, REFERENCE_IMAGES) - 1)
@@ -338,10 +341,6 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
     """The package's MIL program, interpreted, fed what the shared pre-processing makes for the bundle's manifest,
     against PyTorch fed the standard (mean-subtracted) input: detection parity on real images at the default size
     (the project's tolerances for ``precision``), raw outputs and shapes at every size."""
-    from edgeface.benchmarks.parity import compare
-    from edgeface.bundle import manifest_for_model
-    from edgeface.detector import Detector
-    from edgeface.export.pipeline import torch_detector
 
     manifest = manifest_for_model(model, target="coreml", precision=precision, files={"model": MODEL_FILE},
                                   input_hw=sizes[0], mean_in_graph=kind == "image")
@@ -351,7 +350,7 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
         return {"status": "skipped", "reason": str(exc)}
     candidate = Detector(runtime=runtime)
     with single_thread():  # PyTorch too: both run one image at a time
-        report = compare(torch_detector(model, candidate.resize), candidate, _reference_images()).check(precision)
+        report = compare(Detector.for_model(model, resize=candidate.resize), candidate, _reference_images()).check(precision)
     result: dict[str, Any] = {
         "status": "passed" if report.passed else "failed",
         "what": "the package's MIL program interpreted op by op with NumPy/PyTorch (FP16 tensors rounded to FP16 "
@@ -440,7 +439,6 @@ def describe_input(kind: str, sizes: list[tuple[int, int]], mean_bgr) -> dict[st
 
 def _describe_model(mlmodel, model, precision: str, kind: str, sizes: list[tuple[int, int]]) -> None:
     """What Xcode shows for the model: summary, input and output meanings, edgeface metadata."""
-    from edgeface.bundle import OUTPUT_MEANINGS
 
     h, w = sizes[0]
     mlmodel.short_description = f"RetinaFace {model.config.name} face detector ({precision}), exported by edgeface"

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgeface.runtimes.base import Runtime
 
-from edgeface.bundle import Bundle, Manifest
-from edgeface.errors import EdgefaceError
-from edgeface.runtimes.base import OUTPUTS, Runtime, require
+from edgeface.core.bundle import OUTPUTS, Bundle, Manifest
+from edgeface.core.errors import EdgefaceError, require
 
 
 @contextmanager

@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from edgeface.export.base import Conversion, ExportRequest
 
-from edgeface.errors import EdgefaceError
-from edgeface.export.base import Conversion, ExportRequest, library_versions
-from edgeface.runtimes.base import OUTPUTS, require
+from edgeface.core.bundle import OUTPUTS
+from edgeface.core.errors import EdgefaceError, require
+from edgeface.core.versions import library_versions
 
 MODEL_FILE = "model.onnx"
 # Dynamic ranges recorded in the manifest (TensorRT optimisation profiles use them too): [min, opt, max].

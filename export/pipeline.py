@@ -7,20 +7,30 @@ import json
 import os
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-
-from edgeface.bundle import Bundle, check_output_folder, load_bundle, manifest_for_model, staging_dir, write_manifest
-from edgeface.errors import EdgefaceError
 from edgeface.export import CALIBRATED_INT8, get_converter, resolve_precision, resolve_target
 from edgeface.export.base import ExportRequest
-from edgeface.images import list_images, load_image
+
+from edgeface.core.bundle import (
+    Bundle,
+    check_output_folder,
+    load_bundle,
+    manifest_for_model,
+    staging_dir,
+    write_manifest,
+)
+from edgeface.core.errors import EdgefaceError, first_line
+from edgeface.core.images import ASTRONAUT, list_images, load_image
+from edgeface.core.parity import LOOSE_THRESHOLD, SCORE_THRESHOLD, compare
+from edgeface.core.processing import ResizePolicy, preprocess
+from edgeface.evaluation.accuracy import WIDER_SETTINGS, default_image_dir, evaluate_detector, fp32_baseline, spread
+from edgeface.evaluation.widerface import load_ground_truth
+from edgeface.inference.detector import Detector
 from edgeface.models import canonical_name, get_model
-from edgeface.processing import ResizePolicy, preprocess
 
 DEFAULT_IMGSZ = (640, 640)
 DYNAMIC_CALIBRATION_HW = (640, 640)  # onnxruntime histogram calibration holds every activation: keep it small
@@ -31,20 +41,7 @@ PARITY_IMAGES = 8
 OPSETS = range(13, 21)
 # A calibration set where fewer images than this share hold a face the FP32 model finds is warned about.
 CALIBRATION_FACE_SHARE = 0.5
-ASTRONAUT = resources.files("edgeface") / "assets" / "astronaut.jpg"
 
-
-def default_image_dir() -> Path | None:
-    """The shared WIDER FACE images, when present: $EDGEFACE_SHARED or ../shared."""
-    shared = Path(os.environ.get("EDGEFACE_SHARED", "../shared"))
-    images = shared / "data" / "widerface" / "val" / "images"
-    return images if images.is_dir() else None
-
-
-def spread(paths: list[Path], n: int) -> list[Path]:
-    if n >= len(paths):
-        return paths
-    return [paths[i] for i in np.linspace(0, len(paths) - 1, n).round().astype(int)]
 
 
 def default_out(model: str, target: str, precision: str, input_hw: tuple[int, int] | None) -> Path:
@@ -158,13 +155,11 @@ def calibration_tensors(model, paths: list[Path], policy: ResizePolicy, log, *, 
     An image that cannot be read (missing, unreadable, not an image, truncated, over the pixel limit) is skipped
     with one line naming it. With ``count_faces``, also how many of the read images hold a face the FP32 model
     finds (:func:`_warn_few_faces`)."""
-    from edgeface.errors import first_line
 
     detector = None
     if count_faces:
-        from edgeface.benchmarks.parity import SCORE_THRESHOLD
 
-        detector = torch_detector(model, policy, score_threshold=SCORE_THRESHOLD)
+        detector = Detector.for_model(model, resize=policy, score_threshold=SCORE_THRESHOLD)
     tensors, with_faces = [], 0
     for path in paths:
         try:
@@ -181,12 +176,6 @@ def calibration_tensors(model, paths: list[Path], policy: ResizePolicy, log, *, 
     return tuple(tensors), with_faces
 
 
-def torch_detector(model, policy: ResizePolicy, **thresholds):
-    from edgeface.detector import Detector
-    from edgeface.runtimes.torch import TorchRuntime
-
-    return Detector(runtime=TorchRuntime(model, resize=str(policy)), resize=policy, **thresholds)
-
 
 def _write_parity_reference(bundle_dir: Path, model, policy: ResizePolicy) -> None:
     """The bundled public-domain photograph and the FP32 PyTorch detections on it, so a port or a device can check
@@ -194,9 +183,8 @@ def _write_parity_reference(bundle_dir: Path, model, policy: ResizePolicy) -> No
     image is stored: WIDER FACE may not be redistributed."""
     folder = bundle_dir / "parity"
     folder.mkdir()
-    from edgeface.benchmarks.parity import LOOSE_THRESHOLD
 
-    reference = torch_detector(model, policy, score_threshold=LOOSE_THRESHOLD)
+    reference = Detector.for_model(model, resize=policy, score_threshold=LOOSE_THRESHOLD)
     name = "00.jpg"
     cv2.imwrite(str(folder / name), load_image(ASTRONAUT), [cv2.IMWRITE_JPEG_QUALITY, 95])
     image = load_image(folder / name)  # the reference is computed on the stored (re-encoded) pixels
@@ -224,7 +212,6 @@ def parity_images() -> list[np.ndarray]:
 def _warn_few_faces(with_faces: int, images: int, log) -> None:
     """Warns when few calibration images hold a face the FP32 model finds: INT8 ranges taken on images without
     faces lose them (measured: 8 black images gave an INT8 model that matched 69% of faces)."""
-    from edgeface.benchmarks.parity import SCORE_THRESHOLD
 
     if with_faces < CALIBRATION_FACE_SHARE * images:
         log(f"warning: only {with_faces} of {images} calibration images hold a face the FP32 model finds "
@@ -233,8 +220,6 @@ def _warn_few_faces(with_faces: int, images: int, log) -> None:
 
 
 def _parity(bundle_dir: Path, model, precision: str, not_runnable: str | None, log) -> dict[str, Any]:
-    from edgeface.benchmarks.parity import compare
-    from edgeface.detector import Detector
 
     if not_runnable:
         log(f"parity skipped: {not_runnable}")
@@ -242,7 +227,7 @@ def _parity(bundle_dir: Path, model, precision: str, not_runnable: str | None, l
     candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir), default_resize="original",
                          self_check=False)  # the full parity check follows
     try:  # closed on every path: a failed comparison must not keep the artifact's session open
-        reference = torch_detector(model, candidate.resize)
+        reference = Detector.for_model(model, resize=candidate.resize)
         report = compare(reference, candidate, parity_images()).check(precision)
     finally:
         candidate.close()
@@ -262,9 +247,6 @@ def _runtime_here(bundle_dir: Path) -> str | None:
 
 
 def _evaluate(bundle_dir: Path, model, not_runnable: str | None, spec: dict[str, Any], progress: bool, log):
-    from edgeface.benchmarks.accuracy import WIDER_SETTINGS, evaluate_detector
-    from edgeface.benchmarks.widerface import load_ground_truth
-    from edgeface.detector import Detector
 
     if not_runnable:
         return {"status": "skipped", "reason": not_runnable}
@@ -281,31 +263,3 @@ def _evaluate(bundle_dir: Path, model, not_runnable: str | None, spec: dict[str,
     log("AP " + ", ".join(f"{k} {ours.ap[k]:.4f} ({delta[k]:+.4f} vs fp32)" for k in ours.ap))
     return {"widerface": {**ours.to_dict(), "resize": str(candidate.resize), "fp32_torch_ap": base_ap,
                           "delta_ap": delta, "images_dir": str(spec["images"])}}
-
-
-def fp32_baseline(model, policy: ResizePolicy, spec: dict[str, Any], gt, progress: bool, log) -> dict[str, float]:
-    """AP of FP32 PyTorch on the same images and input policy: computed once per weights / policy / image set and
-    kept in the cache directory (PyTorch FP32 is deterministic on a given machine), since every export of a model
-    compares against the same figure."""
-    import hashlib
-
-    from edgeface.benchmarks.accuracy import WIDER_SETTINGS, evaluate_detector, select_images
-    from edgeface.weights import cache_dir
-
-    paths = select_images(spec["images"], gt, spec.get("limit"))
-    key = hashlib.sha256(json.dumps({
-        "config": model.config.to_dict(), "weights": model.weights_info, "policy": str(policy),
-        "gt": str(spec["gt"]), "images": [str(p.relative_to(spec["images"])) for p in paths],
-        "settings": WIDER_SETTINGS,
-    }, sort_keys=True).encode()).hexdigest()[:24]
-    cached = cache_dir() / "fp32-widerface" / f"{key}.json"
-    if cached.is_file():
-        log(f"FP32 PyTorch AP on these images from the cache ({cached})")
-        return json.loads(cached.read_text())
-    log("WIDER FACE evaluation of FP32 PyTorch, same input policy")
-    reference = torch_detector(model, policy, **WIDER_SETTINGS)
-    ap = evaluate_detector(reference.detect_arrays, spec["images"], gt, limit=spec.get("limit"),
-                           progress=progress).ap
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(ap))
-    return ap

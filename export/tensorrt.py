@@ -17,10 +17,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import onnx
-
-from edgeface.errors import EdgefaceError
 from edgeface.export import onnx as onnx_export
-from edgeface.export.base import Conversion, ExportRequest, library_versions
+from edgeface.export.base import Conversion, ExportRequest
+
+from edgeface.core.bundle import load_bundle, update_bundle, write_manifest
+from edgeface.core.errors import EdgefaceError, require
+from edgeface.core.files import atomic_write
+from edgeface.core.parity import compare_to_reference
+from edgeface.core.versions import library_versions
+from edgeface.inference.detector import Detector
 
 MODEL_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
@@ -119,8 +124,6 @@ def build_engine(bundle_dir: str | Path, *, workspace_mb: int | None = None, ver
     The bundle is never changed in place: the engine is built into a staged copy, which replaces the bundle only
     once the engine, the timing cache and the manifest are written and (``verify``) the engine reproduces the
     bundle's reference detections (:func:`install_engine`). A failure, or a kill, leaves the bundle as it was."""
-    from edgeface.bundle import load_bundle
-    from edgeface.runtimes.base import require
 
     bundle = load_bundle(bundle_dir)
     if bundle.manifest.target != "tensorrt":  # before asking for TensorRT: no TensorRT would build this bundle
@@ -136,15 +139,13 @@ def install_engine(bundle_dir: str | Path, build: Callable[[Any], Engine], *,
                    check: Callable[[Path, Any], dict[str, Any]] | None = None,
                    log: Callable[[str], None] = lambda m: None) -> Path:
     """Add an engine to a tensorrt bundle the way an export publishes a bundle: ``build(staged)`` makes the engine
-    from a staged copy of the bundle (a :class:`~edgeface.bundle.Bundle`, checked on load); the engine and timing
+    from a staged copy of the bundle (a :class:`~edgeface.core.bundle.Bundle`, checked on load); the engine and timing
     cache are written there (each file whole or not at all), the manifest lists them, ``check(staged_dir,
     manifest)`` (when given) returns the engine's parity report or raises, and only then does the copy replace the
     bundle, by renames under the folder lock. Any failure before that, or a kill, leaves the bundle untouched and
     no engine file anywhere (the staging folder is removed, or by the next run if the process was killed).
 
     Returns the engine's path in the published bundle."""
-    from edgeface.bundle import update_bundle, write_manifest
-    from edgeface.files import atomic_write
 
     with update_bundle(bundle_dir) as staged:
         manifest = staged.manifest
@@ -204,8 +205,6 @@ def _build(trt, bundle, workspace_mb: int | None, log) -> Engine:
 def engine_parity(bundle_dir: Path, manifest) -> dict[str, Any]:
     """The engine in ``bundle_dir`` on the bundle's parity photograph against its recorded FP32 PyTorch faces
     (``parity/reference.json``); raises EdgefaceError when it does not reproduce them."""
-    from edgeface.benchmarks.parity import compare_to_reference
-    from edgeface.detector import Detector
 
     if not (bundle_dir / "parity" / "reference.json").is_file():
         return {"status": "skipped", "reason": "the bundle has no parity/reference.json"}

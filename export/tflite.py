@@ -39,17 +39,20 @@ import re
 import time
 import warnings
 from collections import Counter
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from edgeface.export.base import Conversion, ExportRequest
+from edgeface.runtimes.tflite import load_interpreter
 from torch import nn
 
-from edgeface.errors import EdgefaceError
-from edgeface.export.base import Conversion, ExportRequest, library_versions
-from edgeface.runtimes.base import OUTPUTS, dequantize, quantize, require
+from edgeface.core.bundle import OUTPUTS
+from edgeface.core.errors import EdgefaceError, require
+from edgeface.core.images import ASTRONAUT, load_image
+from edgeface.core.processing import ResizePolicy, dequantize, preprocess, quantize
+from edgeface.core.versions import library_versions
 
 MODEL_FILE = "model.tflite"
 SIGNATURE = "serving_default"
@@ -154,15 +157,12 @@ def to_fp16(float_model: bytes) -> tuple[bytes, dict[str, Any]]:
 
 
 def _tensor_names(model_content: bytes) -> list[str]:
-    from edgeface.runtimes.tflite import load_interpreter
-
     interpreter, _ = load_interpreter(model_content=model_content)
     return [t["name"] for t in interpreter.get_tensor_details()]
 
 
 def op_precisions(model_content: bytes) -> dict[str, int]:
     """How many compute ops (not QUANTIZE / DEQUANTIZE) of a model produce float32, int8, int16 outputs."""
-    from edgeface.runtimes.tflite import load_interpreter
 
     interpreter, _ = load_interpreter(model_content=model_content)
     dtypes = {t["index"]: np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
@@ -216,10 +216,8 @@ def to_int8(float_model: bytes, calibration: tuple[np.ndarray, ...], *, int8_io:
 def _reference_inputs(model, request: ExportRequest) -> list[tuple[str, np.ndarray]]:
     """Real pre-processed images (NCHW) for the output check: the bundled photo, a crop of it in which the face
     fills the frame (so that the coarsest anchor level sees a face too) and the first few calibration images."""
-    from edgeface.images import load_image
-    from edgeface.processing import ResizePolicy, preprocess
 
-    photo = load_image(Path(str(resources.files("edgeface") / "assets" / "astronaut.jpg")))
+    photo = load_image(ASTRONAUT)
     face = photo[40:200, 145:305]  # the astronaut's face, about 90 x 115 pixels, with a margin
     policy = ResizePolicy("fixed", request.input_hw)
     inputs = [(name, preprocess([image], policy=policy, mean_bgr=model.config.mean_bgr)[0])
@@ -263,7 +261,6 @@ def map_outputs(model_content: bytes, model, request: ExportRequest, *, strict: 
     Returns ``({"input_tensor": ..., "output_tensors": {name: {index, name, dtype, shape, quantization}}}, check)``.
     Raises EdgefaceError if a PyTorch output is reproduced by no TFLite output (``strict=False``, for
     --no-verify: takes the closest one and reports the check as failed instead)."""
-    from edgeface.runtimes.tflite import load_interpreter
 
     inputs = _reference_inputs(model, request)
     batch = np.concatenate([x for _, x in inputs])

@@ -7,10 +7,11 @@ import importlib
 import os
 from typing import Any
 
-from edgeface.bundle import load_bundle
-from edgeface.errors import EdgefaceError
-from edgeface.processing import MAX_THREADS
 from edgeface.runtimes.base import Runtime
+
+from edgeface.core.bundle import load_bundle
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.processing import MAX_THREADS
 
 _RUNTIMES = {
     "torch": "edgeface.runtimes.torch:TorchRuntime",

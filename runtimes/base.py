@@ -1,6 +1,6 @@
 """The one interface every backend implements. A runtime only moves tensors: it takes a pre-processed batch in the
 layout its manifest states and returns the raw outputs by name in the canonical layout (N, A, 4|2|10), float32.
-Pre- and post-processing stay in :mod:`edgeface.processing`, shared by all."""
+Pre- and post-processing stay in :mod:`edgeface.core.processing`, shared by all."""
 
 from __future__ import annotations
 
@@ -11,17 +11,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgeface.bundle import Bundle, Manifest
-from edgeface.errors import EdgefaceError, first_line
-from edgeface.processing import ResizePolicy
-
-OUTPUTS = ("loc", "conf", "landmarks")
+from edgeface.core.bundle import Bundle, Manifest
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.processing import ResizePolicy
 
 
 class Runtime(ABC):
     """Subclasses set ``name``, ``targets`` and ``concurrent`` and implement :meth:`open` and :meth:`infer`.
 
-    Threads: one runtime (and the :class:`~edgeface.detector.Detector` holding it) may be shared by any number of
+    Threads: one runtime (and the :class:`~edgeface.inference.detector.Detector` holding it) may be shared by any number of
     threads; :meth:`infer` is safe to call from all of them at once. Backends whose inference state is not
     reentrant (``concurrent = False``: tflite's interpreter, TensorRT's execution context, Core ML's model) run
     one call at a time under :attr:`lock` and the others wait; ``concurrent = True`` backends (onnxruntime's
@@ -121,16 +119,3 @@ def dequantize(tensor: np.ndarray, quantization: dict[str, float] | None) -> np.
     if quantization is None:
         return tensor.astype(np.float32, copy=False)
     return ((tensor.astype(np.float32) - quantization["zero_point"]) * quantization["scale"]).astype(np.float32)
-
-
-def require(module: str, extra: str, purpose: str):
-    """Import an optional dependency, or say which extra installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise EdgefaceError(
-            f"{purpose} needs the Python package providing '{module}' ({first_line(exc)}); install it with "
-            f"`pip install edgeface[{extra}]`"
-        ) from None

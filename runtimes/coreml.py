@@ -12,10 +12,10 @@ import sys
 from typing import Any
 
 import numpy as np
+from edgeface.runtimes.base import Runtime
 
-from edgeface.bundle import Bundle
-from edgeface.errors import EdgefaceError, first_line
-from edgeface.runtimes.base import OUTPUTS, Runtime, require
+from edgeface.core.bundle import OUTPUTS, Bundle
+from edgeface.core.errors import EdgefaceError, first_line, require
 
 COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE",
                  # short forms

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from edgeface.runtimes.base import Runtime
 
-from edgeface.bundle import Bundle
-from edgeface.errors import EdgefaceError, first_line
-from edgeface.runtimes.base import OUTPUTS, Runtime
+from edgeface.core.bundle import OUTPUTS, Bundle
+from edgeface.core.errors import EdgefaceError, first_line
 
 # In order of preference when the caller does not choose.
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",

@@ -1,5 +1,5 @@
-"""TensorRT engines (Jetson, NVIDIA GPUs). The engine is built from the bundle's ONNX on first use when the bundle
-has none (``edgeface build-engine`` does it explicitly). Device memory is owned by PyTorch CUDA tensors, allocated
+"""TensorRT engines (Jetson, NVIDIA GPUs). The engine is built on the device by ``edgeface build-engine BUNDLE``
+(an export step, which changes the bundle); opening a runtime never writes to the bundle. Device memory is owned by PyTorch CUDA tensors, allocated
 once per input shape and freed with the runtime, so long streams do not leak."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from edgeface.runtimes.base import Runtime
 
-from edgeface.bundle import Bundle
-from edgeface.errors import EdgefaceError
-from edgeface.runtimes.base import OUTPUTS, Runtime, require
+from edgeface.core.bundle import OUTPUTS, Bundle
+from edgeface.core.errors import EdgefaceError, require
 
 
 class TensorRTRuntime(Runtime):
@@ -30,13 +30,8 @@ class TensorRTRuntime(Runtime):
         if not torch.cuda.is_available():
             raise EdgefaceError("the tensorrt runtime needs an NVIDIA GPU visible to PyTorch (torch.cuda)")
         if "engine" not in bundle.manifest.files:
-            from edgeface.export.tensorrt import build_engine
-
-            build_engine(bundle.path)
-            from edgeface.bundle import load_bundle
-
-            bundle = load_bundle(bundle.path)
-            self.manifest = bundle.manifest
+            raise EdgefaceError(f"bundle {bundle.path} has no TensorRT engine yet: build it on this device with "
+                                f"`edgeface build-engine {bundle.path}`")
         self._torch = torch
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)

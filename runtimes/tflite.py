@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from edgeface.runtimes.base import Runtime
 
-from edgeface.bundle import Bundle
-from edgeface.errors import EdgefaceError, first_line
-from edgeface.runtimes.base import OUTPUTS, Runtime, dequantize, quantize
+from edgeface.core.bundle import OUTPUTS, Bundle
+from edgeface.core.errors import EdgefaceError, first_line
+from edgeface.core.processing import dequantize, quantize
 
 # Interpreter modules in order of preference: (module, distribution name for the version).
 INTERPRETERS = (("ai_edge_litert.interpreter", "ai-edge-litert"), ("tflite_runtime.interpreter", "tflite-runtime"))

@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from edgeface.runtimes.base import Runtime
 
-from edgeface.bundle import Bundle, manifest_for_model
-from edgeface.errors import EdgefaceError
+from edgeface.core.bundle import OUTPUTS, Bundle, manifest_for_model
+from edgeface.core.errors import EdgefaceError
 from edgeface.models import RetinaFace, get_model
-from edgeface.runtimes.base import OUTPUTS, Runtime
 
 
 class TorchRuntime(Runtime):

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Creates (or reuses) .venv and installs edgeface with the tested, pinned dependency versions.
+# Creates (or reuses) .venv and installs the working tree, editable, with the tested, pinned dependency versions:
+# tests and `edgeface` always run the code in this checkout (the design card's export/, runtimes/, benchmarks/ and
+# boards/ folders are mapped in as edgeface.* by pyproject's package-dir). No build/ copy is left behind.
 # Usage: scripts/setup-venv.sh [EXTRAS]   e.g. scripts/setup-venv.sh test
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,4 +9,5 @@ extras="${1:-}"
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch is pinned to the CPU build in constraints.txt; a looser requirement could pull a multi-GB CUDA build.
-.venv/bin/python -m pip install --quiet -c constraints.txt ".${extras:+[$extras]}"
+.venv/bin/python -m pip install --quiet -c constraints.txt --editable ".${extras:+[$extras]}"
+rm -rf build

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-# Subprocesses (`python -m edgeface ...`) import the installed package, not the checkout's edgeface/ folder, which
-# lacks the export/runtimes/benchmarks subpackages mapped in by pyproject (Python >= 3.11: no cwd on sys.path).
+# Subprocesses (`python -m edgeface ...`) import edgeface as installed, never through the current directory: in an
+# environment with a non-editable install (the tflite-runtime one) ./edgeface alone lacks the mapped-in folders.
 os.environ["PYTHONSAFEPATH"] = "1"
 
 SHARED = Path(os.environ.get("EDGEFACE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -61,6 +61,6 @@ def default_detector():
 @pytest.fixture(scope="session")
 def final_detector(final_retinaface):
     from edgeface import Detector
-    from edgeface.benchmarks.accuracy import WIDER_SETTINGS
+    from edgeface.evaluation.accuracy import WIDER_SETTINGS
 
     return Detector(weights=final_retinaface, **WIDER_SETTINGS)

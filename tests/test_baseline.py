@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import pytest
+from edgeface.benchmarks.baseline import TinyRetinaFace, open_baseline
 
 from edgeface import EdgefaceError
-from edgeface.benchmarks.baseline import TinyRetinaFace, open_baseline
 from edgeface.cli import main
-from edgeface.images import load_image
+from edgeface.core.images import load_image
 
 
 @pytest.fixture(scope="module")

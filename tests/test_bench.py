@@ -4,9 +4,9 @@ import importlib.util
 import json
 
 import pytest
+from edgeface.benchmarks.bench import SCHEMA, SCHEMA_VERSION, parse_sizes
 
 from edgeface import EdgefaceError
-from edgeface.benchmarks.bench import SCHEMA, SCHEMA_VERSION, parse_sizes
 from edgeface.cli import main
 
 

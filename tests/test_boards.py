@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from edgeface.boards.profiles import _parse, get_board, list_boards
 
 from edgeface import EdgefaceError
-from edgeface.board_profiles import _parse, get_board, list_boards
 from edgeface.cli import main
 
 

@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-
-import pytest
-
 from pathlib import Path
 
-from edgeface.bundle import check_output_folder, load_bundle, read_manifest, recover_publication, staging_dir
-from edgeface.errors import EdgefaceError
+import pytest
 from edgeface.export.pipeline import export_bundle
+
+from edgeface.core.bundle import check_output_folder, load_bundle, read_manifest, recover_publication, staging_dir
+from edgeface.core.errors import EdgefaceError
 
 pytest.importorskip("onnxsim", reason="ONNX export needs the onnx extra: pip install edgeface[onnx]")
 
@@ -314,11 +313,11 @@ def test_target_info_lies_are_refused_naming_the_field(bundle, tmp_path, case):
 
 
 def test_sha256_file_lives_in_files_only():
-    import edgeface.files
-    import edgeface.weights
+    import edgeface.core.files
+    import edgeface.models.weights
 
-    assert not hasattr(edgeface.weights, "sha256_file")
-    assert edgeface.files.sha256_file(ASSET) == hashlib.sha256(ASSET.read_bytes()).hexdigest()
+    assert not hasattr(edgeface.models.weights, "sha256_file")
+    assert edgeface.core.files.sha256_file(ASSET) == hashlib.sha256(ASSET.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("case", list(FILE_LIES))

@@ -188,8 +188,8 @@ def test_the_command_silences_the_image_libraries(noisy_folder):
 def test_main_as_the_program_silences_the_image_libraries(noisy_folder, command, capfd, monkeypatch):
     """main(argv, program=True), as a harness running the command in-process would call it: the same silence,
     around decoding only; the library itself prints libpng's line (the application's stderr is its own)."""
-    from edgeface.errors import EdgefaceError
-    from edgeface.images import load_image
+    from edgeface.core.errors import EdgefaceError
+    from edgeface.core.images import load_image
 
     with pytest.raises(EdgefaceError):
         load_image(noisy_folder / "b_cut.png")
@@ -225,7 +225,7 @@ def test_main_called_from_python_leaves_file_descriptors_alone(noisy_folder, mon
 def test_a_failure_is_reported_on_its_first_line(capsys):
     """One line per bad file, the same helper as the runtimes' (edgeface.runtimes.base.first_line)."""
     from edgeface.cli import _report_failure
-    from edgeface.errors import EdgefaceError
+    from edgeface.core.errors import EdgefaceError
 
     _report_failure("x.jpg", EdgefaceError("\n  x.jpg could not be decoded  \nC++ backtrace:\n  frame 1"), True,
                     key="image")
@@ -247,10 +247,10 @@ def _resize_help(command: list[str]) -> tuple[str, str]:
 def test_each_command_states_its_own_resize_default(monkeypatch):
     """The help states the default the command really uses, from the same value (bench: original, for timing each
     size as given; eval: original, the WIDER protocol; detect / run: processing.DEFAULT_RESIZE)."""
-    import edgeface.detector
-    from edgeface.benchmarks.accuracy import WIDER_SETTINGS
+    import edgeface.cli
     from edgeface.cli import BENCH_RESIZE, BENCH_THREADS, _detector
-    from edgeface.processing import DEFAULT_RESIZE
+    from edgeface.core.processing import DEFAULT_RESIZE
+    from edgeface.evaluation.accuracy import WIDER_SETTINGS
 
     opened = []
 
@@ -258,7 +258,7 @@ def test_each_command_states_its_own_resize_default(monkeypatch):
         def __init__(self, **options):
             opened.append(options)
 
-    monkeypatch.setattr(edgeface.detector, "Detector", Recorder)
+    monkeypatch.setattr(edgeface.cli, "Detector", Recorder)
     expected = {("detect",): (str(DEFAULT_RESIZE), "the runtime library's own choice"),
                 ("run",): (str(DEFAULT_RESIZE), "the runtime library's own choice"),
                 ("bench",): (BENCH_RESIZE, f"{BENCH_THREADS}; with --cpus, their count"),
@@ -294,12 +294,12 @@ def test_a_file_name_too_long_is_one_line(capsys):
 
 
 def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
-    import edgeface.board_profiles
+    import edgeface.cli
 
     def exhausted():
         raise MemoryError
 
-    monkeypatch.setattr(edgeface.board_profiles, "list_boards", exhausted)
+    monkeypatch.setattr(edgeface.cli, "list_boards", exhausted)
     assert main(["boards"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("edgeface: error: out of memory")

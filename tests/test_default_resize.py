@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from edgeface import Detector, EdgefaceError
-from edgeface.benchmarks.accuracy import WIDER_SETTINGS
-from edgeface.processing import DEFAULT_RESIZE, ResizePolicy, preprocess
+from edgeface.core.processing import DEFAULT_RESIZE, ResizePolicy, preprocess
+from edgeface.evaluation.accuracy import WIDER_SETTINGS
 
 GROUP_PHOTO = "12--Group/12_Group_Group_12_Group_Group_12_379.jpg"  # 1024 x 664, 31 faces found at 0.5
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from edgeface import LANDMARK_NAMES, Detector, EdgefaceError, Face
-from edgeface.images import load_image
+from edgeface.core.images import load_image
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import pytest
 pytest.importorskip("coremltools", reason="Core ML export needs the coreml extra: pip install edgeface[coreml]")
 
 import coremltools as ct  # noqa: E402
-
-from edgeface import EdgefaceError  # noqa: E402
 from edgeface.export import coreml as coreml_export  # noqa: E402
 from edgeface.export.pipeline import export_bundle  # noqa: E402
 from edgeface.runtimes import open_runtime  # noqa: E402
+
+from edgeface import EdgefaceError  # noqa: E402
 
 SIZE = (320, 320)
 PRIORS = 2 * (40 * 40 + 20 * 20 + 10 * 10)
@@ -138,11 +138,11 @@ def test_program_gets_mean_coloured_letterbox_padding(bundle, request, astronaut
     the mean). Black padding (-mean after it) would not. Also checks the interpreter itself (which the program
     check relies on)."""
     import torch
-
     from edgeface.export.coreml_mil import MILProgramRuntime
-    from edgeface.images import load_image
+
+    from edgeface.core.images import load_image
+    from edgeface.core.processing import ResizePolicy, preprocess
     from edgeface.models import get_model
-    from edgeface.processing import ResizePolicy, preprocess
 
     bundle = request.getfixturevalue(bundle)
     runtime = MILProgramRuntime(bundle.manifest, bundle.file())

@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-
-from edgeface import Detector, EdgefaceError
-from edgeface.bundle import load_bundle
 from edgeface.export import pipeline
 from edgeface.export.pipeline import export_bundle
+
+from edgeface import Detector, EdgefaceError
+from edgeface.core.bundle import load_bundle
 
 pytest.importorskip("onnxsim", reason="ONNX export needs the onnx extra: pip install edgeface[onnx]")
 
@@ -128,6 +128,7 @@ def test_int8_keeps_only_the_heads_float(input_hw):
     read the SSH outputs' shapes (Shape nodes): those must not pull the SSH convolutions into float (they cost
     ~15% of INT8 latency and gain no accuracy)."""
     from edgeface.export.onnx import export_float, head_nodes
+
     from edgeface.models import get_model
 
     proto = export_float(get_model("retinaface_mnet025", weights=None), input_hw, False, 17)
@@ -195,7 +196,7 @@ def test_failed_export_leaves_nothing_and_keeps_the_old_bundle(tmp_path, calib_d
 
 
 def test_parity_beyond_tolerance_fails_the_export(tmp_path, calib_dir, monkeypatch):
-    from edgeface.benchmarks import parity
+    from edgeface.core import parity
 
     monkeypatch.setitem(parity.TOLERANCES, "fp32", {"agreement": 1.1, "landmark_error": 0.0})
     with pytest.raises(EdgefaceError, match="does not reproduce PyTorch within tolerance"):

@@ -11,9 +11,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+from edgeface.export.base import quiet
 
 from edgeface import EdgefaceError
-from edgeface.export.base import quiet
 
 CLI = [sys.executable, "-m", "edgeface"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_a_converter_failure_in_a_fresh_process_keeps_the_libraries_output_in_a_
     pytest.importorskip("litert_torch", reason="TFLite export needs litert-torch: pip install edgeface[tflite]")
     script = (
         "import sys\n"
-        "from edgeface.errors import EdgefaceError\n"
+        "from edgeface.core.errors import EdgefaceError\n"
         "from edgeface.export.pipeline import export_bundle\n"
         "try:\n"
         f"    export_bundle('tflite', precision='int8', imgsz=(320, 320), calib={str(wider_images)!r}, calib_n=1,\n"

@@ -10,12 +10,13 @@ import pytest
 
 pytest.importorskip("litert_torch", reason="TFLite export needs litert-torch: pip install edgeface[tflite]")
 
-from edgeface import Detector, EdgefaceError  # noqa: E402
-from edgeface.benchmarks.parity import TOLERANCES  # noqa: E402
 from edgeface.export import tflite  # noqa: E402
 from edgeface.export.base import ExportRequest  # noqa: E402
 from edgeface.export.pipeline import export_bundle  # noqa: E402
 from edgeface.runtimes import tflite as tflite_runtime  # noqa: E402
+
+from edgeface import Detector, EdgefaceError  # noqa: E402
+from edgeface.core.parity import TOLERANCES  # noqa: E402
 
 SIZE = (320, 320)
 CALIB_N = 16
@@ -136,7 +137,7 @@ def test_int8_records_calibration_and_float_io(bundles, calib_dir):
     assert m.input.dtype == "float32" and m.input.quantization is None
     assert all(o.dtype == "float32" and o.quantization is None for o in m.outputs)
     cal = m.calibration
-    from edgeface.images import list_images
+    from edgeface.core.images import list_images
 
     assert cal["recipe"] == "static_wi8_ai8" and cal["source"] == str(calib_dir)
     assert cal["images"] == min(CALIB_N, len(list_images(calib_dir)))

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from edgeface.benchmarks.accuracy import evaluate_detector, predict, select_images
-from edgeface.benchmarks.widerface import evaluate, image_key, load_ground_truth, read_predictions
+from edgeface.evaluation.accuracy import evaluate_detector, predict, select_images
+from edgeface.evaluation.widerface import evaluate, image_key, load_ground_truth, read_predictions
 
 GOLDEN_IMAGES = [
     "0--Parade/0_Parade_Parade_0_102.jpg",
@@ -37,7 +37,7 @@ def test_short_ap_regression_matches_reference(weights, folder, final_retinaface
                                                reference_dir):
     """40 images spread over all events: same AP as the reference predictions of those images."""
     from edgeface import Detector
-    from edgeface.benchmarks.accuracy import WIDER_SETTINGS
+    from edgeface.evaluation.accuracy import WIDER_SETTINGS
 
     detector = Detector(weights=final_retinaface if weights == "final" else "default", **WIDER_SETTINGS)
     gt = load_ground_truth(wider_gt)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from edgeface import Detector, EdgefaceError
-from edgeface.images import load_image, output_names
+from edgeface.core.images import load_image, output_names
 
 LIMIT_HINT = "set EDGEFACE_MAX_PIXELS to raise it if the image is genuine"
 
@@ -214,7 +214,7 @@ def test_pillow_bomb_warning_as_an_error_does_not_refuse_a_photo(astronaut_path,
 
 
 def test_a_format_that_checks_pillows_limit_itself_is_one_line(astronaut_jpeg, monkeypatch):
-    import edgeface.images
+    import edgeface.core.images
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
 
@@ -222,7 +222,7 @@ def test_a_format_that_checks_pillows_limit_itself_is_one_line(astronaut_jpeg, m
         raise Image.DecompressionBombError("Image size (262144 pixels) exceeds limit of 2000 pixels, could be "
                                            "decompression bomb DOS attack.")
 
-    monkeypatch.setattr(edgeface.images, "_open_past_pillow_limit", refusing)
+    monkeypatch.setattr(edgeface.core.images, "_open_past_pillow_limit", refusing)
     with pytest.raises(EdgefaceError) as error:
         load_image(astronaut_jpeg)
     assert str(error.value) == (

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from edgeface import EdgefaceError, get_model, list_models
-from edgeface.models import RetinaFaceConfig
+from edgeface import EdgefaceError
+from edgeface.core.processing import AnchorSpec
+from edgeface.models import RetinaFaceConfig, get_model, list_models
 from edgeface.models.retinaface import MNET025
-from edgeface.processing import AnchorSpec
 
 
 def test_registry_lists_both_backbones():

@@ -13,7 +13,8 @@ pytest.importorskip("matplotlib", reason="plots need matplotlib (pip install 'ed
 
 from edgeface.benchmarks import plots  # noqa: E402
 from edgeface.benchmarks.plots import plot_merged, plot_report  # noqa: E402
-from edgeface.errors import EdgefaceError  # noqa: E402
+
+from edgeface.core.errors import EdgefaceError  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_THREE = {"latency_vs_ap.png", "pr_curves.png", "latency_vs_size.png"}

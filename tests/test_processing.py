@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edgeface import EdgefaceError
-from edgeface.processing import (
+from edgeface.core.processing import (
     AnchorSpec,
     Letterbox,
     ResizePolicy,

@@ -9,13 +9,18 @@ import os
 import shutil
 
 import pytest
-
-from edgeface import bundle as bundle_module
-from edgeface.bundle import (
-    check_output_folder, load_bundle, recover_publication, staging_dir, update_bundle, write_manifest,
-)
-from edgeface.errors import EdgefaceError
 from edgeface.export.pipeline import export_bundle
+
+from edgeface.core import bundle as bundle_module
+from edgeface.core.bundle import (
+    check_output_folder,
+    load_bundle,
+    recover_publication,
+    staging_dir,
+    update_bundle,
+    write_manifest,
+)
+from edgeface.core.errors import EdgefaceError
 
 pytest.importorskip("onnxsim", reason="ONNX export needs the onnx extra: pip install edgeface[onnx]")
 

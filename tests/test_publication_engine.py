@@ -11,11 +11,11 @@ import subprocess
 import sys
 
 import pytest
-
-from edgeface.bundle import load_bundle, write_manifest
-from edgeface.errors import EdgefaceError
 from edgeface.export.pipeline import export_bundle
 from edgeface.export.tensorrt import ENGINE_FILE, TIMING_CACHE, Engine, build_engine, install_engine
+
+from edgeface.core.bundle import load_bundle, write_manifest
+from edgeface.core.errors import EdgefaceError
 
 pytest.importorskip("onnxsim", reason="ONNX export needs the onnx extra: pip install edgeface[onnx]")
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgeface.runtimes import get_runtime_class, list_runtimes, open_runtime
 
 from edgeface import Detector, EdgefaceError
-from edgeface.bundle import load_bundle, write_manifest
-from edgeface.images import load_image
-from edgeface.processing import ResizePolicy, preprocess
-from edgeface.runtimes import get_runtime_class, list_runtimes, open_runtime
-from edgeface.errors import first_line
+from edgeface.core.bundle import load_bundle, write_manifest
+from edgeface.core.errors import first_line
+from edgeface.core.images import load_image
+from edgeface.core.processing import ResizePolicy, preprocess
 
 SIZE = (96, 96)  # the smallest multiple of 32 at which the FP32 model finds the astronaut (score 0.97)
 
@@ -52,7 +52,8 @@ def _calibration_folder(folder: Path, astronaut_path: Path) -> tuple[list[Path],
 
 def test_calibration_reads_one_image_at_a_time_and_skips_unreadable_files(tmp_path, astronaut_path, monkeypatch):
     from edgeface.export import pipeline
-    from edgeface.images import list_images
+
+    from edgeface.core.images import list_images
     from edgeface.models import get_model
 
     good, bad = _calibration_folder(tmp_path / "calib", astronaut_path)
@@ -312,7 +313,7 @@ def candidate(bundle_dir):
 
 @pytest.mark.parametrize("name", list(MALFORMED))
 def test_a_malformed_reference_is_one_line_naming_the_file_and_field(name, copy, candidate):
-    from edgeface.benchmarks.parity import compare_to_reference
+    from edgeface.core.parity import compare_to_reference
 
     change, field = MALFORMED[name]
     _rewrite_reference(copy, change, rehash=False)
@@ -323,7 +324,7 @@ def test_a_malformed_reference_is_one_line_naming_the_file_and_field(name, copy,
 
 
 def test_a_reference_image_linked_out_of_the_bundle_is_refused(copy, candidate, tmp_path, astronaut_path):
-    from edgeface.benchmarks.parity import compare_to_reference
+    from edgeface.core.parity import compare_to_reference
 
     outside = tmp_path / "outside.jpg"
     shutil.copy(astronaut_path, outside)
@@ -334,7 +335,7 @@ def test_a_reference_image_linked_out_of_the_bundle_is_refused(copy, candidate, 
 
 
 def test_a_well_formed_reference_still_compares(copy, candidate):
-    from edgeface.benchmarks.parity import compare_to_reference, read_reference
+    from edgeface.core.parity import compare_to_reference, read_reference
 
     policy, records = read_reference(copy)
     assert str(policy) == "fixed:96x96" and [p.name for p, _ in records] == ["00.jpg"]
@@ -440,6 +441,7 @@ def test_a_csv_table_a_folder_or_binary_data_given_as_a_report(tmp_path):
 
 def test_reports_as_bench_writes_them_still_load_and_merge(tmp_path, capsys):
     from edgeface.benchmarks.report import load_report, rows
+
     from edgeface.cli import main
 
     good = tmp_path / "good.json"

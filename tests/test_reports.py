@@ -11,11 +11,11 @@ import stat
 
 import numpy as np
 import pytest
-
 from edgeface.benchmarks.bench import report
 from edgeface.benchmarks.report import header, rows, to_markdown, write_tables
+
 from edgeface.cli import build_parser, main
-from edgeface.files import atomic_write
+from edgeface.core.files import atomic_write
 
 
 def _result(name, p50, delta_hard, images=100):

@@ -6,10 +6,11 @@ import json
 import cv2
 import numpy as np
 import pytest
+from edgeface.export.pipeline import export_bundle
 
 from edgeface import Detector, EdgefaceError
 from edgeface.cli import main
-from edgeface.export.pipeline import default_image_dir, export_bundle
+from edgeface.evaluation.accuracy import default_image_dir
 
 pytest.importorskip("onnxsim", reason="needs the onnx extra: pip install edgeface[onnx]")
 
@@ -65,9 +66,9 @@ def test_run_bundle_on_a_folder(onnx_bundle, images, tmp_path, capsys):
 
 
 def test_run_stops_cleanly_on_ctrl_c(video, monkeypatch, capsys):
-    import edgeface.stream
+    import edgeface.inference.stream
 
-    real = edgeface.stream.frames
+    real = edgeface.inference.stream.frames
 
     def interrupted(source):
         for index, item in enumerate(real(source)):
@@ -75,7 +76,7 @@ def test_run_stops_cleanly_on_ctrl_c(video, monkeypatch, capsys):
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(edgeface.stream, "frames", interrupted)
+    monkeypatch.setattr(edgeface.inference.stream, "frames", interrupted)
     assert main(["run", "--source", str(video)]) == 130
     assert "interrupted after 2 frame(s)" in capsys.readouterr().err
 
@@ -97,8 +98,8 @@ def test_compare_torch_and_a_bundle(onnx_bundle, images, tmp_path, capsys):
 
 def _battery(runtime, model, images, device="cpu", conf_tolerance=1e-3):
     """The checks every backend must pass against the torch reference on real images."""
-    from edgeface.benchmarks.parity import compare
-    from edgeface.images import list_images, load_image
+    from edgeface.core.images import list_images, load_image
+    from edgeface.core.parity import compare
 
     candidate = Detector(runtime=runtime, model=model, threads=2, device=device, score_threshold=0.3)
     reference = Detector(resize=candidate.resize, score_threshold=0.3)

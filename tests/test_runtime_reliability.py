@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from edgeface import Detector, EdgefaceError
-from edgeface.bundle import load_bundle, write_manifest
-from edgeface.export.pipeline import export_bundle, spread
-from edgeface.images import list_images, load_image
+from edgeface.export.pipeline import export_bundle
 from edgeface.runtimes import get_runtime_class, list_runtimes, open_runtime, runtimes_for
 from edgeface.runtimes.coreml import NOT_APPLE, is_apple
+
+from edgeface import Detector, EdgefaceError
+from edgeface.core.bundle import load_bundle, write_manifest
+from edgeface.core.images import list_images, load_image
+from edgeface.evaluation.accuracy import spread
 
 THREADS, CALLS = 4, 8
 SIZE = (320, 320)

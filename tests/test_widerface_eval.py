@@ -1,4 +1,4 @@
-"""Tests of the WIDER FACE evaluation protocol (edgeface.benchmarks.widerface)."""
+"""Tests of the WIDER FACE evaluation protocol (edgeface.evaluation.widerface)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgeface.evaluation import widerface as wf
 
-from edgeface.benchmarks import widerface as wf
-from edgeface.benchmarks.widerface import (
+from edgeface.evaluation.widerface import (
     GroundTruth,
     WiderFaceError,
     evaluate,

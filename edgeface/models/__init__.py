@@ -7,9 +7,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from edgeface.errors import EdgefaceError
-from edgeface.models.retinaface import MNET025, R50, OUTPUT_NAMES, RetinaFace, RetinaFaceConfig
-from edgeface.weights import LoadedWeights, resolve_weights
+from edgeface.core.errors import EdgefaceError
+from edgeface.models.retinaface import MNET025, OUTPUT_NAMES, R50, RetinaFace, RetinaFaceConfig
+from edgeface.models.weights import LoadedWeights, resolve_weights
 
 __all__ = ["RetinaFace", "RetinaFaceConfig", "OUTPUT_NAMES", "get_model", "list_models", "register_model",
            "retinaface_mnet025", "retinaface_r50"]

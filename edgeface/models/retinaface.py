@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgeface.core.processing import AnchorSpec
 from edgeface.models.layers import conv_bn
 from edgeface.models.mobilenet import MobileNetV1
 from edgeface.models.resnet import ResNet50
-from edgeface.processing import AnchorSpec
 
 OUTPUT_NAMES = ("loc", "conf", "landmarks")
 NUM_LANDMARKS = 5
@@ -159,7 +159,7 @@ class Head(nn.Module):
 class RetinaFace(nn.Module):
     """Outputs ``loc`` (N, A, 4) box offsets, ``conf`` (N, A, 2) softmax [background, face], ``landmarks``
     (N, A, 10) landmark offsets; A = anchors over all levels. Decoding is done outside, by
-    :mod:`edgeface.processing`, so that every runtime shares it."""
+    :mod:`edgeface.core.processing`, so that every runtime shares it."""
 
     def __init__(self, config: RetinaFaceConfig) -> None:
         super().__init__()

@@ -1,19 +1,21 @@
-"""``Detector``: image(s) in, :class:`~edgeface.face.Face` lists out, on any runtime."""
+"""``Detector``: image(s) in, :class:`~edgeface.core.face.Face` lists out, on any runtime."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from edgeface.errors import EdgefaceError
-from edgeface.face import Face
-from edgeface.images import ImageInput, load_image
-from edgeface.processing import DEFAULT_RESIZE, Detections, ResizePolicy, postprocess, preprocess
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.face import Face
+from edgeface.core.images import ImageInput, load_image
+from edgeface.core.parity import compare_to_reference
+from edgeface.core.processing import DEFAULT_RESIZE, Detections, ResizePolicy, postprocess, preprocess
+from edgeface.runtimes import Runtime, open_runtime
 
 ImageLike = ImageInput
 
@@ -26,14 +28,14 @@ class Detector:
     >>> batches = Detector().detect([img_a, img_b])                             # list[list[Face]]
 
     Images are paths, BGR uint8 arrays (OpenCV's order), PIL images or encoded bytes (see
-    :func:`edgeface.images.load_image`). Faces come back in the image's own pixels, highest score first.
+    :func:`edgeface.core.images.load_image`). Faces come back in the image's own pixels, highest score first.
 
-    ``resize`` is the :class:`~edgeface.processing.ResizePolicy` before the network. Left ``None``, a model with a
+    ``resize`` is the :class:`~edgeface.core.processing.ResizePolicy` before the network. Left ``None``, a model with a
     fixed input size runs at that size, and one that takes any size (PyTorch, dynamic ONNX) at
     ``default_resize``: ``max:640`` (images scaled down to at most 640 pixels on their longest side, never up),
     which finds one face per face from selfies to group photos; at ``original`` a face filling a large photo is
     beyond the anchors (about 600 pixels) and comes out as several fragments. Pass ``resize="original"`` for the
-    smallest faces of large images (the WIDER FACE protocol: :data:`edgeface.benchmarks.accuracy.WIDER_SETTINGS`,
+    smallest faces of large images (the WIDER FACE protocol: :data:`edgeface.evaluation.accuracy.WIDER_SETTINGS`,
     which sets ``default_resize="original"`` and ``score_threshold=0.02``).
 
     ``backbone``, ``weights`` and ``negative_slope`` choose the PyTorch model (torch runtime); ``model`` is an
@@ -43,7 +45,7 @@ class Detector:
     parallel; tflite, tensorrt and coreml run one call at a time (see :class:`~edgeface.runtimes.base.Runtime`);
     open one Detector per thread for parallel speed on those.
 
-    Raises :class:`~edgeface.errors.EdgefaceError` for a device the runtime does not take, a resize policy a
+    Raises :class:`~edgeface.core.errors.EdgefaceError` for a device the runtime does not take, a resize policy a
     fixed-size model cannot run, or a bundle that fails its self-check; a runtime the Detector opened is closed
     before the error propagates (one passed in as ``runtime=`` stays the caller's).
     """
@@ -66,8 +68,6 @@ class Detector:
         keep_top_k: int = 750,
         self_check: bool = True,
     ) -> None:
-        from edgeface.runtimes import Runtime, open_runtime
-
         opened = not isinstance(runtime, Runtime)  # a Runtime the caller passed stays the caller's to close
         if opened:
             options = {"device": device, "threads": threads}
@@ -106,9 +106,6 @@ class Detector:
         """Run the bundle on its own parity photograph and compare with the FP32 PyTorch faces recorded at export
         (``parity/reference.json``, when the bundle still has it): a model swapped under a rewritten hash, or a
         manifest that lies about the input, fails here instead of returning wrong faces."""
-        # deferred: the comparison lives in the evaluation layer above the runtimes
-        from edgeface.benchmarks.parity import compare_to_reference
-
         if not (bundle_dir / "parity" / "reference.json").is_file():
             return
         report = compare_to_reference(self, bundle_dir).check(self.runtime.manifest.precision)
@@ -117,6 +114,15 @@ class Detector:
                 f"bundle {bundle_dir} does not reproduce its own reference detections (parity/reference.json: "
                 f"{report.matched_faces}/{report.reference_faces} faces, landmark error {report.landmark_error:.3f}): "
                 "its model or manifest was changed after export; re-export it")
+
+    @classmethod
+    def for_model(cls, model, *, resize: str | ResizePolicy, **settings) -> Detector:
+        """A Detector on an in-memory :class:`~edgeface.models.retinaface.RetinaFace` (torch runtime): the FP32
+        PyTorch reference that export parity, calibration checks and bench compare artifacts against.
+        ``settings`` are the thresholds of :class:`Detector`."""
+        from edgeface.runtimes.torch import TorchRuntime  # deferred: PyTorch, absent on a device install
+
+        return cls(runtime=TorchRuntime(model, resize=str(resize)), resize=resize, **settings)
 
     @property
     def name(self) -> str:
@@ -158,9 +164,9 @@ class Detector:
         An image is a path (``str`` / ``os.PathLike``), a numpy array (H x W x 3 BGR uint8; grayscale and BGRA
         are converted, views and non-contiguous arrays are fine), a ``PIL.Image`` (any mode Pillow converts to
         RGB; reordered to BGR) or ``bytes`` / ``bytearray`` / ``memoryview`` of an encoded image, read by
-        :func:`edgeface.images.load_image` with its size limits. Raises
-        :class:`~edgeface.errors.EdgefaceError` for anything else, for an unreadable image, or for an input over
-        the network-input limit (:func:`edgeface.processing.max_input_pixels`).
+        :func:`edgeface.core.images.load_image` with its size limits. Raises
+        :class:`~edgeface.core.errors.EdgefaceError` for anything else, for an unreadable image, or for an input over
+        the network-input limit (:func:`edgeface.core.processing.max_input_pixels`).
         """
         if isinstance(image, (list, tuple)):
             arrays = [load_image(i) for i in image]

@@ -10,8 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeface.errors import EdgefaceError
-from edgeface.processing import Detections, postprocess, preprocess
+from edgeface.core.bundle import _inside
+from edgeface.core.errors import EdgefaceError, first_line
+from edgeface.core.face import LANDMARK_NAMES
+from edgeface.core.images import load_image
+from edgeface.core.processing import Detections, ResizePolicy, postprocess, preprocess
 
 # Share of reference faces a candidate must find at IoU >= 0.9, and the largest mean landmark error (pixels /
 # sqrt(reference box area)) it may have, by precision. Set from measurements of every target (README).
@@ -106,7 +109,7 @@ class _Tally:
 
 
 def compare(reference, candidate, images: Sequence[np.ndarray]) -> ParityReport:
-    """Compare two :class:`~edgeface.detector.Detector` s image by image, on the candidate's input policy, from
+    """Compare two :class:`~edgeface.inference.detector.Detector` s image by image, on the candidate's input policy, from
     their raw outputs on the same input."""
     tally, diffs = _Tally(), {}
     for image in images:
@@ -129,8 +132,7 @@ def compare_to_reference(candidate, bundle_dir) -> ParityReport:
     devices without PyTorch: the check ``edgeface build-engine`` runs after building an engine).
 
     The file is checked whole before anything runs: every record's fields and types, and each image path strictly
-    inside the bundle. Raises :class:`~edgeface.errors.EdgefaceError` in one line naming the file and the field."""
-    from edgeface.images import load_image
+    inside the bundle. Raises :class:`~edgeface.core.errors.EdgefaceError` in one line naming the file and the field."""
 
     policy, records = read_reference(bundle_dir)
     tally = _Tally()
@@ -154,10 +156,6 @@ def read_reference(bundle_dir) -> tuple[Any, list[tuple[Path, Detections]]]:
     reference detections)]). Each image resolves strictly inside the bundle (no absolute path, ``..`` or symbolic
     link out of it)."""
     import json
-
-    from edgeface.bundle import _inside
-    from edgeface.processing import ResizePolicy
-    from edgeface.errors import first_line
 
     root = Path(bundle_dir)
     where = root / REFERENCE_FILE
@@ -200,8 +198,7 @@ def read_reference(bundle_dir) -> tuple[Any, list[tuple[Path, Detections]]]:
 
 
 def _reference_faces(faces: Any, field: str, bad) -> Detections:
-    """One record's faces (as :meth:`edgeface.face.Face.to_dict` writes them) as Detections."""
-    from edgeface.face import LANDMARK_NAMES
+    """One record's faces (as :meth:`edgeface.core.face.Face.to_dict` writes them) as Detections."""
 
     if not isinstance(faces, list):
         raise bad(field, f"is {_kind(faces)}, expected a list of faces")

@@ -24,14 +24,17 @@ from typing import Any, Callable, Iterator
 
 import jsonschema
 
-from edgeface.errors import EdgefaceError, first_line
-from edgeface.face import LANDMARK_NAMES
-from edgeface.files import _umask, atomic_write, sha256_file
+from edgeface.core.errors import EdgefaceError, first_line
+from edgeface.core.face import LANDMARK_NAMES
+from edgeface.core.files import _umask, atomic_write, sha256_file
+from edgeface.core.processing import INPUT_MULTIPLE, AnchorSpec
 
 SCHEMA = "edgeface.bundle"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
+# The raw outputs every runtime returns, by these names, in this order (a manifest maps them to its tensors).
+OUTPUTS = ("loc", "conf", "landmarks")
 OUTPUT_MEANINGS = {
     "loc": "box offsets per prior (dx, dy, dw, dh) in the SSD coding with variance; decode with the anchors",
     "conf": "per prior [background, face] probabilities (softmax applied in the graph)",
@@ -88,8 +91,6 @@ class Manifest:
 
     @property
     def anchors(self):
-        from edgeface.processing import AnchorSpec
-
         a = self.decode["anchors"]
         return AnchorSpec(tuple(tuple(s) for s in a["min_sizes"]), tuple(a["steps"]), tuple(a["variance"]))
 
@@ -154,7 +155,7 @@ TENSORRT_BUILDER_FLAGS = {"fp32": [], "fp16": ["FP16"], "int8": ["INT8", "FP16"]
 
 @functools.lru_cache(maxsize=1)
 def _schema_validator():
-    schema = json.loads((resources.files("edgeface") / "schemas" / f"manifest-v{SCHEMA_VERSION}.schema.json")
+    schema = json.loads((resources.files("edgeface.core") / "schemas" / f"manifest-v{SCHEMA_VERSION}.schema.json")
                         .read_text())
     return jsonschema.Draft202012Validator(schema)
 
@@ -202,7 +203,7 @@ def _not_finite(data: Any) -> tuple[list, str] | None:
 
 def read_manifest(manifest_file: Path) -> dict[str, Any]:
     """Parse and validate ``manifest.json`` against its versioned JSON schema
-    (``edgeface/schemas/manifest-v1.schema.json``) and the rules that tie its fields together.
+    (``edgeface/core/schemas/manifest-v1.schema.json``) and the rules that tie its fields together.
 
     Raises :class:`EdgefaceError` naming the first offending field and what was expected.
     """
@@ -292,7 +293,6 @@ def _input_dims(m: dict[str, Any]) -> dict[str, int | str]:
 def _shape_problem(m: dict[str, Any]) -> str | None:
     """Channels, dimension names and the resize policy where the layout puts them; outputs of the input's batch
     with one row per prior."""
-    from edgeface.processing import INPUT_MULTIPLE, AnchorSpec
 
     shape, layout = m["input"]["shape"], m["input"]["layout"]
     dims = _input_dims(m)

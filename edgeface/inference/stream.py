@@ -15,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edgeface.errors import EdgefaceError
-from edgeface.images import IMAGE_SUFFIXES, list_images, load_image, output_names
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.images import IMAGE_SUFFIXES, list_images, load_image, output_names
 
 # Containers whose frame count is read from an index (exact); elsewhere OpenCV estimates it from duration x fps.
 EXACT_COUNT_SUFFIXES = (".avi", ".mp4", ".mov", ".m4v", ".3gp")
@@ -32,7 +32,7 @@ def frames(source: str, *,
            skip: str | os.PathLike | None = None) -> Iterator[tuple[str, np.ndarray | EdgefaceError]]:
     """(name, BGR frame) pairs from ``source``: IMAGE, DIR, VIDEO or ``camera:N``.
 
-    A folder's images are named by :func:`edgeface.images.output_names` (``sub/a`` for ``sub/a.jpg``); those under
+    A folder's images are named by :func:`edgeface.core.images.output_names` (``sub/a`` for ``sub/a.jpg``); those under
     the folder ``skip`` (e.g. where annotated frames are saved, inside ``source``) are left out. A folder's
     unreadable image comes as (name, EdgefaceError) in place of its frame, so that the caller decides whether to
     go on; a video that ends before its announced frame count ends with (name, StreamEndedEarly).

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from edgeface.benchmarks.widerface import (
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.files import cache_dir
+from edgeface.core.images import list_images, load_image
+from edgeface.core.processing import Detections, ResizePolicy
+from edgeface.evaluation.widerface import (
     GroundTruth,
     WiderResult,
     evaluate,
     image_key,
     write_predictions,
 )
-from edgeface.errors import EdgefaceError
-from edgeface.images import list_images, load_image
-from edgeface.processing import Detections
+from edgeface.inference.detector import Detector
 
 # The WIDER FACE protocol of the reference implementation, as Detector keyword arguments: everything down to score
 # 0.02 is ranked, and a model that takes any size sees each image at its original scale (the photo default, max:640,
@@ -86,3 +91,40 @@ def evaluate_detector(
     paths = select_images(images_dir, gt, limit)
     predictions = predict(detect, paths, save_dir=save_dir, progress=progress)
     return evaluate(predictions, gt, images=list(predictions))
+
+
+def default_image_dir() -> Path | None:
+    """The shared WIDER FACE images, when present: $EDGEFACE_SHARED or ../shared."""
+    shared = Path(os.environ.get("EDGEFACE_SHARED", "../shared"))
+    images = shared / "data" / "widerface" / "val" / "images"
+    return images if images.is_dir() else None
+
+
+def spread(paths: list[Path], n: int) -> list[Path]:
+    """``n`` of ``paths`` spread evenly over the list (all of them when ``n`` is not smaller)."""
+    if n >= len(paths):
+        return paths
+    return [paths[i] for i in np.linspace(0, len(paths) - 1, n).round().astype(int)]
+
+
+def fp32_baseline(model, policy: ResizePolicy, spec: dict[str, Any], gt, progress: bool, log) -> dict[str, float]:
+    """AP of FP32 PyTorch on the same images and input policy: computed once per weights / policy / image set and
+    kept in the cache directory (PyTorch FP32 is deterministic on a given machine), since every export of a model
+    compares against the same figure."""
+    paths = select_images(spec["images"], gt, spec.get("limit"))
+    key = hashlib.sha256(json.dumps({
+        "config": model.config.to_dict(), "weights": model.weights_info, "policy": str(policy),
+        "gt": str(spec["gt"]), "images": [str(p.relative_to(spec["images"])) for p in paths],
+        "settings": WIDER_SETTINGS,
+    }, sort_keys=True).encode()).hexdigest()[:24]
+    cached = cache_dir() / "fp32-widerface" / f"{key}.json"
+    if cached.is_file():
+        log(f"FP32 PyTorch AP on these images from the cache ({cached})")
+        return json.loads(cached.read_text())
+    log("WIDER FACE evaluation of FP32 PyTorch, same input policy")
+    reference = Detector.for_model(model, resize=policy, **WIDER_SETTINGS)
+    ap = evaluate_detector(reference.detect_arrays, spec["images"], gt, limit=spec.get("limit"),
+                           progress=progress).ap
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(ap))
+    return ap

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edgeface.errors import EdgefaceError
-from edgeface.face import Face
-from edgeface.images import env_limit
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.face import Face
+from edgeface.core.images import env_limit
 
 INPUT_MULTIPLE = 32
 # Largest network input edgeface builds, in pixels (width x height of one image): 4096 x 4096. At that size the
@@ -50,7 +50,7 @@ class ResizePolicy:
     """How an image is scaled before the network.
 
     - ``max:N``: scale down so the longest side is at most N pixels; smaller images keep their size. ``max:640``
-      is :data:`DEFAULT_RESIZE`, what :class:`~edgeface.detector.Detector` uses for photographs with a model that
+      is :data:`DEFAULT_RESIZE`, what :class:`~edgeface.inference.detector.Detector` uses for photographs with a model that
       takes any size: the anchors cover faces of 16 to about 600 pixels at the network input, so a face filling
       a selfie or close-up stays within them (at original scale it comes out as several confident fragments).
     - ``longest:N``: scale so the longest side is N pixels (up or down).
@@ -59,7 +59,7 @@ class ResizePolicy:
     - ``fixed:HxW``: scale to fit inside HxW keeping the aspect ratio, pad the rest (static-shape models).
 
     Whatever the policy, a side that would round to 0 pixels becomes 1, and a network input over
-    :func:`max_input_pixels` pixels (width x height) is refused with an :class:`~edgeface.errors.EdgefaceError`
+    :func:`max_input_pixels` pixels (width x height) is refused with an :class:`~edgeface.core.errors.EdgefaceError`
     (see :func:`preprocess`). Padding, where there is any, goes bottom/right, so results map back by a single
     division.
     """
@@ -146,7 +146,7 @@ def preprocess(
     as the convolutions' own padding is; a model that subtracts the mean itself passes ``mean_bgr`` zeros and
     ``pad_bgr`` its mean.
 
-    Raises :class:`~edgeface.errors.EdgefaceError`, before resizing or allocating anything, when H' x W' would
+    Raises :class:`~edgeface.core.errors.EdgefaceError`, before resizing or allocating anything, when H' x W' would
     exceed :func:`max_input_pixels` pixels (4096 x 4096 by default): e.g. a photo of over 16.8 megapixels or a
     1000000 x 64 panorama under ``original``, or a batch whose images, padded to a common size, reach that.
     """
@@ -286,3 +286,16 @@ def postprocess(
     keep = nms(boxes, scores[order], nms_threshold)[:keep_top_k]
     points = decode_landmarks(landmarks[order[keep]], priors[order[keep]], anchors.variance) * to_pixels
     return Detections(boxes[keep].astype(np.float32), scores[order[keep]].astype(np.float32), points.astype(np.float32))
+
+
+def quantize(batch: np.ndarray, quantization: dict[str, float], dtype: str) -> np.ndarray:
+    """float -> integer tensor of a fully quantised model (real = scale * (q - zero_point))."""
+    info = np.iinfo(np.dtype(dtype))
+    q = np.round(batch / quantization["scale"] + quantization["zero_point"])
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(tensor: np.ndarray, quantization: dict[str, float] | None) -> np.ndarray:
+    if quantization is None:
+        return tensor.astype(np.float32, copy=False)
+    return ((tensor.astype(np.float32) - quantization["zero_point"]) * quantization["scale"]).astype(np.float32)

@@ -8,15 +8,18 @@ import stat
 import struct
 from collections import Counter
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from edgeface.errors import EdgefaceError
-from edgeface.face import Face
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.face import Face
 
+# The bundled public-domain photograph (NASA, astronaut Eileen Collins): parity references, checks and examples.
+ASTRONAUT = Path(str(resources.files("edgeface") / "assets" / "astronaut.jpg"))
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # Largest image edgeface decodes, in pixels (width x height as the file declares it). 200 megapixels lets the
@@ -80,7 +83,7 @@ def load_image(image: ImageInput) -> np.ndarray:
     file (e.g. ``libpng error: ...``) on the process's stderr before the :class:`EdgefaceError`; the ``edgeface``
     command silences them, a program using the library decides for itself.
 
-    Raises :class:`~edgeface.errors.EdgefaceError`, with one line saying what is wrong, for: a missing,
+    Raises :class:`~edgeface.core.errors.EdgefaceError`, with one line saying what is wrong, for: a missing,
     unreadable (permission), empty or directory path; data that is not an image; a truncated or corrupt file
     OpenCV cannot decode; an image over the pixel limit; an array of another dtype or shape; any other type.
     """

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from edgeface.errors import EdgefaceError
+import tomllib
+from edgeface.export import resolve_precision, resolve_target
+from edgeface.runtimes import get_runtime_class
+
+from edgeface.core.errors import EdgefaceError
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,6 @@ class Board:
 
 
 def _parse(name: str, data: dict[str, Any]) -> Board:
-    from edgeface.export import resolve_precision, resolve_target
-    from edgeface.runtimes import get_runtime_class
-
     fields = {f.name for f in dataclasses.fields(Board)}
     unknown = sorted(set(data) - fields)
     if unknown:

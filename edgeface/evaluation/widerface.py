@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeface.errors import EdgefaceError
-from edgeface.files import atomic_write
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.files import atomic_write
 
 __all__ = [
     "SUBSETS",

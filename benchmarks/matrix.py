@@ -1,0 +1,50 @@
+"""``edgeface bench --all``: export every target x precision this machine can convert and bench each where its
+runtime runs (needs PyTorch and the converters: the ``export`` extra)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeface.benchmarks.bench import bench
+from edgeface.export.pipeline import export_bundle
+
+from edgeface.core.errors import EdgefaceError
+
+# Every target x precision `bench --all` tries, with the input each is exported at: dynamic models run at original
+# scale, static ones at the mobile default.
+ALL_ARTIFACTS = (
+    ("onnx", "fp32", None), ("onnx", "fp16", None), ("onnx", "int8", None),
+    ("tflite", "fp32", (640, 640)), ("tflite", "fp16", (640, 640)), ("tflite", "int8", (640, 640)),
+    ("coreml", "fp16", (640, 640)), ("coreml", "int8", (640, 640)),
+    ("tensorrt", "fp16", None), ("tensorrt", "int8", None),
+)
+
+
+def bench_all(make_detector, *, out, weights: Any = "default", calib=None, calib_n: int = 100,
+              progress: bool = True, **bench_options: Any) -> list[dict[str, Any]]:
+    """Export every target x precision this machine can convert, bench each where its runtime runs, and record
+    why any step failed (the table's status and reason columns). ``make_detector(bundle_dir)`` opens a bundle."""
+
+    results = bench(lambda: make_detector(None), **bench_options, progress=progress)  # FP32 PyTorch first
+    for target, precision, imgsz in ALL_ARTIFACTS:
+        name = f"{target}-{precision}-{'dynamic' if imgsz is None else f'{imgsz[0]}x{imgsz[1]}'}"
+        entry: dict[str, Any] = {"name": name, "target": target, "precision": precision}
+        try:
+            started = time.perf_counter()
+            bundle = export_bundle(target, precision=precision, out=Path(out) / "bundles" / name, weights=weights,
+                                   imgsz=imgsz, dynamic=imgsz is None, calib=calib, calib_n=calib_n,
+                                   progress=progress)
+            entry["export_seconds"] = round(time.perf_counter() - started, 1)
+        except EdgefaceError as exc:
+            results.append({**entry, "status": "failed", "reason": f"export: {exc}"})
+            continue
+        try:
+            (result,) = bench(lambda: make_detector(bundle.path), **bench_options, progress=progress)
+        except EdgefaceError as exc:  # e.g. Core ML off macOS, TensorRT without TensorRT
+            results.append({**entry, "status": "exported", "size_bytes": bundle.model_bytes(),
+                            "reason": f"bench: {exc}"})
+            continue
+        results.append({**result, **entry})
+    return results
