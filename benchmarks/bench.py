@@ -15,6 +15,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from edgeface.runtimes import get_runtime_class, list_runtimes
 
 from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError
@@ -33,8 +34,16 @@ AGREEMENT_IMAGES = 20  # images compared face by face with FP32 PyTorch (landmar
 LATENCY_BUDGET_S = 30.0
 MIN_RUNS = 10
 SIZES = {"vga": (480, 640), "hd": (720, 1280), "4k": (2160, 3840)}
-LIBRARIES = ("edgeface", "torch", "numpy", "opencv-python-headless", "onnxruntime", "ai-edge-litert",
-             "tflite-runtime", "coremltools", "tensorrt")
+# Recorded in every report: these, then each registered runtime's ``libraries`` (absent ones are left out).
+LIBRARIES = ("edgeface", "numpy", "opencv-python-headless")
+
+
+def libraries() -> list[str]:
+    """The distributions a report records versions of: :data:`LIBRARIES` and every runtime's own."""
+    names = list(LIBRARIES)
+    for runtime in list_runtimes():
+        names += [n for n in get_runtime_class(runtime).libraries if n not in names]
+    return names
 
 
 def parse_sizes(text: str) -> dict[str, tuple[int, int]]:
@@ -71,7 +80,7 @@ def device_info(board=None) -> dict[str, Any]:
         pass
     return {"hostname": platform.node(), "cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(),
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(), "gpu": gpu,
-            "board": board.name if board else None, "libraries": library_versions(*LIBRARIES)}
+            "board": board.name if board else None, "libraries": library_versions(*libraries())}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

@@ -8,18 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from edgeface.benchmarks.bench import bench
+from edgeface.export import specs
 from edgeface.export.pipeline import export_bundle
 
 from edgeface.core.errors import EdgefaceError
 
-# Every target x precision `bench --all` tries, with the input each is exported at: dynamic models run at original
-# scale, static ones at the mobile default.
-ALL_ARTIFACTS = (
-    ("onnx", "fp32", None), ("onnx", "fp16", None), ("onnx", "int8", None),
-    ("tflite", "fp32", (640, 640)), ("tflite", "fp16", (640, 640)), ("tflite", "int8", (640, 640)),
-    ("coreml", "fp16", (640, 640)), ("coreml", "int8", (640, 640)),
-    ("tensorrt", "fp16", None), ("tensorrt", "int8", None),
-)
+
+def all_artifacts() -> list[tuple[str, str, tuple[int, int] | None]]:
+    """Every (target, precision, input size) `bench --all` tries, from the targets' specs (``TargetSpec.bench``):
+    dynamic models run at original scale (size None), static ones at their size."""
+    return [(spec.name, precision, size) for spec in specs() for precision, size in spec.bench]
 
 
 def bench_all(make_detector, *, out, weights: Any = "default", calib=None, calib_n: int = 100,
@@ -28,7 +26,7 @@ def bench_all(make_detector, *, out, weights: Any = "default", calib=None, calib
     why any step failed (the table's status and reason columns). ``make_detector(bundle_dir)`` opens a bundle."""
 
     results = bench(lambda: make_detector(None), **bench_options, progress=progress)  # FP32 PyTorch first
-    for target, precision, imgsz in ALL_ARTIFACTS:
+    for target, precision, imgsz in all_artifacts():
         name = f"{target}-{precision}-{'dynamic' if imgsz is None else f'{imgsz[0]}x{imgsz[1]}'}"
         entry: dict[str, Any] = {"name": name, "target": target, "precision": precision}
         try:

@@ -10,8 +10,8 @@ from importlib import resources
 from typing import Any
 
 import tomllib
-from edgeface.export import resolve_precision, resolve_target
-from edgeface.runtimes import get_runtime_class
+from edgeface.export import get_spec, resolve_precision, resolve_target, targets_taking
+from edgeface.runtimes import get_runtime_class, runtimes_for
 
 from edgeface.core.errors import EdgefaceError
 
@@ -47,8 +47,20 @@ def _parse(name: str, data: dict[str, Any]) -> Board:
         board = Board(**data)
     except TypeError as exc:
         raise EdgefaceError(f"board profile {name}: {exc}") from None
-    resolve_precision(resolve_target(board.target), board.precision)  # raises on nonsense
-    get_runtime_class(board.runtime)
+    try:  # what the target and runtime declare (their specs), checked as an export or a run would
+        target = resolve_target(board.target)
+        resolve_precision(target, board.precision)
+        if board.runtime not in runtimes_for(target):
+            get_runtime_class(board.runtime)  # an unknown name first
+            raise EdgefaceError(f"runtime {board.runtime!r} does not run {target} bundles (runtimes that do: "
+                                f"{', '.join(runtimes_for(target))})")
+        if board.opset is not None and not get_spec(target).option("opset"):
+            raise EdgefaceError(f"opset is not an option of the {target} target (targets that take it: "
+                                f"{', '.join(targets_taking('opset'))})")
+        if board.dynamic and not get_spec(target).dynamic:
+            raise EdgefaceError(f"dynamic = true is not available for {target}: {get_spec(target).static_only}")
+    except EdgefaceError as exc:
+        raise EdgefaceError(f"board profile {name}: {exc}") from None
     if (board.imgsz is None) != board.dynamic:
         raise EdgefaceError(f"board profile {name}: give either imgsz or dynamic = true")
     return board

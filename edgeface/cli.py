@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -15,7 +16,7 @@ from edgeface.benchmarks.bench import bench, device_info, parse_sizes, report
 from edgeface.benchmarks.plots import plot_merged, plot_report
 from edgeface.benchmarks.report import header, load_report, rows, to_markdown, write_tables
 from edgeface.boards.profiles import get_board, list_boards
-from edgeface.core.errors import EdgefaceError, first_line
+from edgeface.core.errors import EdgefaceError, first_line, require_torch
 from edgeface.core.files import atomic_write, captured_output
 from edgeface.core.images import IMAGE_SUFFIXES, draw_faces, list_images, load_image, output_names
 from edgeface.core.parity import LOOSE_THRESHOLD, compare
@@ -23,12 +24,20 @@ from edgeface.core.processing import DEFAULT_RESIZE, MAX_THREADS
 from edgeface.core.versions import __version__
 from edgeface.evaluation.accuracy import WIDER_SETTINGS, default_image_dir, evaluate_detector, spread
 from edgeface.evaluation.widerface import evaluate, load_ground_truth, read_predictions
+from edgeface.export import aliases, get_spec, list_targets, resolve_target, specs, targets_taking
+from edgeface.export.base import DEFAULT_IMGSZ
+from edgeface.export.tensorrt import build_engine  # reads no converter library: runs on a device install
 from edgeface.inference import stream
 from edgeface.inference.detector import Detector
+from edgeface.runtimes import list_runtimes, runtimes_taking
 
 # bench times each image size as given (VGA, HD, 4K), not scaled down, on one thread unless told otherwise.
 BENCH_RESIZE = "original"
 BENCH_THREADS = 1
+# Optional libraries (by import name) and the extra that installs each; a device install (`pip install edgeface`)
+# has none of them.
+OPTIONAL_EXTRAS = {"torch": "export", "onnx": "export", "onnxsim": "export", "onnxconverter_common": "export",
+                   "scipy": "eval", "litert_torch": "tflite", "coremltools": "coreml", "matplotlib": "bench"}
 
 
 def _weights_options(group) -> None:
@@ -63,10 +72,10 @@ def _model_options(parser: argparse.ArgumentParser, *, resize: str, threads: str
     group.add_argument("--resize", help=f"max:N (scale down only) | longest:N | original | fixed:HxW (default: "
                                         f"{resize}{why}, or the bundle's fixed size)")
     group.add_argument("--model", help="an exported bundle directory (instead of a PyTorch checkpoint)")
-    group.add_argument("--runtime", help="torch | onnxruntime | tflite | tensorrt | coreml (default: the "
-                                         "bundle's own, or torch)")
+    group.add_argument("--runtime", help=f"{' | '.join(list_runtimes())} (default: the bundle's own, or torch)")
     group.add_argument("--threads", type=_count(1, MAX_THREADS),
-                       help=f"CPU threads of the runtime (default: {threads})")
+                       help=f"CPU threads of the runtime, for {', '.join(runtimes_taking('threads'))}; others "
+                            f"have no thread setting (default: {threads})")
     parser.set_defaults(default_resize=resize)
 
 
@@ -333,6 +342,7 @@ def _imgsz(text: str) -> list[tuple[int, int]]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    require_torch("`edgeface export`")  # one line naming the extra on a device install, before any import fails
     from edgeface.export.pipeline import export_bundle  # deferred: PyTorch and the converters (export extra)
 
     evaluate = None
@@ -343,22 +353,26 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise EdgefaceError("--eval needs WIDER FACE data: --images DIR --gt DIR (found no ../shared)")
         evaluate = {"images": images, "gt": gt, "limit": args.limit}
     if args.board:
-        _apply_board(args, target=args.board.target, precision=args.board.precision, opset=args.board.opset,
+        _apply_board(args, target=args.board.target, precision=args.board.precision,
                      imgsz=[args.board.imgsz] if args.board.imgsz else None,
                      dynamic=args.board.dynamic and not args.imgsz)
+        if get_spec(args.target).option("opset"):  # the board's opset, for a target that takes one
+            _apply_board(args, opset=args.board.opset)
     if not args.target:
-        raise EdgefaceError("give --target (onnx, tflite, coreml, tensorrt, jetson, ...) or --board NAME")
+        raise EdgefaceError(f"give --target ({', '.join([*list_targets(), *aliases()][:5])}, ...) or --board NAME")
     slope = {"relu": 0.0, "leaky": 0.1, None: None}[args.activation]
-    options = {"int8_io": True} if args.int8_io else {}
+    # the targets' own flags that were given (the export refuses one the target does not take)
+    options = {name: value for name, value in vars(args).items() if name in _TARGET_FLAGS and value is not None}
     sizes = args.imgsz or [None]
     if len(sizes) > 1:
-        if args.target not in ("coreml", "ios"):
-            raise EdgefaceError("several --imgsz sizes (enumerated shapes) are for Core ML only; export one bundle "
-                                "per size for other targets")
+        takers = targets_taking("enumerated_sizes")
+        if resolve_target(args.target) not in takers:
+            raise EdgefaceError(f"several --imgsz sizes (enumerated shapes) are for {', '.join(takers)} only; "
+                                "export one bundle per size for other targets")
         options["enumerated_sizes"] = sizes
     bundle = export_bundle(args.target, precision=args.precision, out=args.out, backbone=args.backbone,
                            weights=args.weights, negative_slope=slope, imgsz=sizes[0], dynamic=args.dynamic,
-                           calib=args.calib, calib_n=args.calib_n, opset=17 if args.opset is None else args.opset,
+                           calib=args.calib, calib_n=args.calib_n, opset=args.opset,
                            verify=not args.no_verify,
                            evaluate=evaluate, options=options)
     m = bundle.manifest
@@ -431,6 +445,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     limit = args.limit or None  # 0: every image
     data = None
     images = args.data or default_image_dir()
+    if images and not args.data and not importlib.util.find_spec("scipy"):  # found, not asked for: latency only
+        print(f"edgeface bench: no accuracy on {images}: the WIDER FACE ground truth needs scipy "
+              "(`pip install edgeface[eval]`); latency only", file=sys.stderr)
+        images = None
     if images:
         gt = args.gt or Path(images).parents[1] / "ground_truth"
         # The FP32 reference of a bundle: --weights when given, else the weights its manifest names.
@@ -440,6 +458,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = {"sizes": sizes, "warmup": args.warmup, "iters": args.iters, "data": data,
                "progress": sys.stderr.isatty()}
     if args.all:
+        require_torch("`edgeface bench --all` (it exports every target)")
         from edgeface.benchmarks.matrix import bench_all  # deferred: PyTorch and the converters (export extra)
 
         def open_model(bundle):
@@ -535,8 +554,6 @@ def cmd_boards(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from edgeface.export.tensorrt import build_engine  # deferred: PyTorch and the converters (export extra)
-
     print(build_engine(args.bundle, workspace_mb=args.workspace_mb, verify=not args.no_verify))
     return 0
 
@@ -617,6 +634,7 @@ def _compare_side(spec: str, args: argparse.Namespace, policy=None):
 
     model, _, runtime = spec.partition("@")
     if model == "torch":
+        require_torch("comparing against 'torch'")  # not the default ONNX model in its place
         return Detector(weights=args.weights, resize=policy, threads=args.threads, score_threshold=LOOSE_THRESHOLD)
     return Detector(model=model, runtime=runtime or None, resize=policy, threads=args.threads,
                     score_threshold=LOOSE_THRESHOLD)
@@ -635,6 +653,48 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
     return 0
+
+
+# Target options with a flag of their own (TargetOption.flag), added to `edgeface export` by _target_flags: dest
+# is the option's name.
+_TARGET_FLAGS: set[str] = set()
+
+
+def _option_help(name: str) -> str:
+    """A target option's help, naming the targets that take it."""
+    option = next(spec.option(name) for spec in specs() if spec.option(name))
+    return f"{'/'.join(targets_taking(name))}: {option.help}"
+
+
+def _target_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for each target option that declares one and is not one of the command's own (--opset, --imgsz)."""
+    added: set[str] = set()
+    for spec in specs():
+        for option in spec.options:
+            if not option.flag or option.name in added:
+                continue
+            kind = ({"action": "store_true", "default": None} if isinstance(option.default, bool)
+                    else {"type": type(option.default) if option.default is not None else str})
+            try:
+                parser.add_argument(option.flag, dest=option.name, help=_option_help(option.name), **kind)
+            except argparse.ArgumentError:  # the command's own flag (its help already states it)
+                continue
+            added.add(option.name)
+    _TARGET_FLAGS.update(added)
+
+
+def _targets_epilog() -> str:
+    """Every target as its spec declares it: aliases, precisions (the default first), sizes, options (flags, or
+    names for export_bundle(options=...)), the runtime that runs it and the extra that installs it."""
+    lines = ["targets (precisions: the first is the default; options: flags, or names for "
+             "export_bundle(options={...})):"]
+    for spec in specs():
+        names = f"{spec.name} ({', '.join(spec.aliases)})" if spec.aliases else spec.name
+        options = ", ".join(o.flag or o.name for o in spec.options) or "none"
+        lines += [f"  {names}: {' | '.join(spec.precisions)}; {'dynamic or static' if spec.dynamic else 'static'} "
+                  f"sizes; runs in {spec.runtime}",
+                  f"      options: {options}; pip install edgeface[{spec.extra}]"]
+    return "\n".join(lines)
 
 
 def _board(name: str):
@@ -658,24 +718,31 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p, resize=str(DEFAULT_RESIZE), threads="the runtime library's own choice")
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("export", help="export a bundle for an edge target (with parity check)")
-    p.add_argument("--target", help="onnx | tflite | coreml | tensorrt, or a platform: jetson, android, rpi, ios, x86")
+    p = sub.add_parser("export", help="export a bundle for an edge target (with parity check)",
+                       epilog=_targets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", help=f"{' | '.join(list_targets())}, or a platform: {', '.join(aliases())}")
     p.add_argument("--board", type=_board, help="a board profile (`edgeface boards`) giving target, precision, size")
-    p.add_argument("--precision", help="fp32 | fp16 | int8 (default: the target's first: fp32, or fp16 for "
-                                       "coreml/tensorrt)")
-    p.add_argument("--imgsz", type=_imgsz, help="static input HxW (default 640x640); coreml also takes several, "
+    defaults: dict[str, list[str]] = {}
+    for spec in specs():
+        defaults.setdefault(spec.precisions[0], []).append(spec.name)
+    precisions = dict.fromkeys(p for spec in specs() for p in spec.precisions)
+    p.add_argument("--precision", help=f"{' | '.join(precisions)} (default: the target's first: "
+                                       + ", ".join(f"{d} for {'/'.join(t)}" for d, t in defaults.items()) + ")")
+    p.add_argument("--imgsz", type=_imgsz, help=f"static input HxW (default {DEFAULT_IMGSZ[0]}x{DEFAULT_IMGSZ[1]}); "
+                                                f"{'/'.join(targets_taking('enumerated_sizes'))} also takes several, "
                                                 "comma-separated, as enumerated sizes")
-    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (onnx, tensorrt)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width "
+                                                          f"({', '.join(s.name for s in specs() if s.dynamic)})")
     p.add_argument("--calib", help="calibration images for int8 (default: the WIDER images in ../shared)")
     p.add_argument("--calib-n", type=_count(1), default=100, help="number of calibration images (default 100)")
-    p.add_argument("--int8-io", action="store_true", help="tflite int8: integer input/output tensors (NPUs)")
     p.add_argument("--out", help="bundle directory (default bundles/<model>-<target>-<precision>-<size>)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default 17, parsed by TensorRT >= 8.5; or the board's)")
+    p.add_argument("--opset", type=int, help=f"{_option_help('opset')}; or the board's")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--eval", action="store_true", help="also measure WIDER FACE AP and its delta to FP32")
     p.add_argument("--images", help="WIDER images for --eval (default ../shared)")
     p.add_argument("--gt", help="WIDER ground truth for --eval (default ../shared)")
     p.add_argument("--limit", type=_count(1), help="--eval on N images spread over all events")
+    _target_flags(p)
     _weights_options(p.add_argument_group("model"))
     p.set_defaults(func=cmd_export)
 
@@ -770,6 +837,13 @@ def main(argv: list[str] | None = None, *, program: bool | None = None) -> int:
         return status
     except EdgefaceError as exc:
         print(f"edgeface: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional library imported on a path no require() guards: one line too
+        extra = OPTIONAL_EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"edgeface: error: the {args.command} command needs {exc.name}, which is not installed here; install "
+              f"it with `pip install edgeface[{extra}]`", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgeface: interrupted", file=sys.stderr)

@@ -20,6 +20,108 @@ import numpy as np
 from edgeface.core.errors import EdgefaceError, first_line
 from edgeface.core.files import captured_output
 
+# Real photographs the export's parity check (and Core ML's program check) runs on.
+PARITY_IMAGES = 8
+# The input size of a static export when none is given, and of the static bundles `bench --all` times.
+DEFAULT_IMGSZ = (640, 640)
+
+
+@dataclass(frozen=True)
+class TargetOption:
+    """An option a target's converter reads: ``export_bundle(options={name: value})`` (``opset`` is a parameter of
+    its own), and, where it has one, the ``edgeface export`` flag that sets it. A target that does not declare an
+    option refuses it (:func:`edgeface.export.check_options`), naming the targets that take it."""
+
+    name: str
+    help: str
+    flag: str | None = None  # the `edgeface export` flag that sets it; None: API only (options={name: value})
+    default: Any = None  # what the converter uses when it is not given (None: decided by the converter)
+    choices: range | tuple[Any, ...] | None = None  # the values taken, checked before anything runs
+
+    @property
+    def label(self) -> str:
+        """How messages name it: its flag, else ``option 'name'``."""
+        return self.flag or f"option {self.name!r}"
+
+    def check(self, value: Any) -> None:
+        if self.choices is None or (not isinstance(value, bool) and value in self.choices):
+            return
+        if isinstance(self.choices, range):
+            accepted = f"{self.choices.start}-{self.choices.stop - 1}"
+        else:
+            accepted = ", ".join(map(str, self.choices))
+        default = f" (default {self.default})" if self.default is not None else ""
+        raise EdgefaceError(f"{self.label} {value!r} is not supported: give {accepted}{default}")
+
+    def to_dict(self) -> dict[str, Any]:
+        choices = self.choices
+        if isinstance(choices, range):
+            choices = [choices.start, choices.stop - 1]
+        return {"name": self.name, "flag": self.flag, "default": self.default,
+                "choices": list(choices) if choices is not None else None, "help": self.help}
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What a target is, declared once in its converter module (``SPEC``) and read by everything else: the target
+    registry (:mod:`edgeface.export`), the export pipeline, ``edgeface export``'s help and checks, ``bench --all``
+    and the board profiles. Reading it imports none of the converter's libraries."""
+
+    name: str  # the manifest's ``target``
+    title: str  # how messages name it ("TFLite")
+    extra: str  # the pip extra that installs the converter: `pip install edgeface[EXTRA]`
+    runtime: str  # the runtime that runs its bundles (a registered runtime that declares this target)
+    precisions: tuple[str, ...]  # the first is the default
+    libraries: tuple[str, ...]  # distributions whose versions the manifest records (converter.versions)
+    aliases: tuple[str, ...] = ()  # platform names a user thinks in (``--target jetson``)
+    calibrated: tuple[str, ...] = ()  # precisions calibrated on real images (--calib); others need none
+    static_only: str | None = None  # why the target takes fixed input sizes only; None: --dynamic works
+    options: tuple[TargetOption, ...] = ()
+    # The runtime that checks a fresh bundle on the export machine (parity, --eval) when ``runtime`` is a device's
+    # (a TensorRT bundle's ONNX runs in onnxruntime); None: ``runtime``.
+    verify_runtime: str | None = None
+    # `edgeface bench --all`: (precision, static input size or None for dynamic), exported and timed in this order.
+    bench: tuple[tuple[str, tuple[int, int] | None], ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.precisions or len(set(self.precisions)) != len(self.precisions):
+            problems.append(f"precisions {self.precisions!r}: give each once, the default first")
+        for what, values in (("calibrated", self.calibrated), ("bench", [p for p, _ in self.bench])):
+            if not set(values) <= set(self.precisions):
+                problems.append(f"{what} {sorted(set(values) - set(self.precisions))} not in precisions")
+        if self.static_only is not None and any(size is None for _, size in self.bench):
+            problems.append("bench: a static-only target has no dynamic entry")
+        names = [o.name for o in self.options]
+        if len(set(names)) != len(names):
+            problems.append(f"options named twice: {names}")
+        if problems:
+            raise ValueError(f"target spec {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether it exports dynamic input sizes (``--dynamic``)."""
+        return self.static_only is None
+
+    @property
+    def runtime_here(self) -> str:
+        """The runtime that checks its bundles on the export machine."""
+        return self.verify_runtime or self.runtime
+
+    def option(self, name: str) -> TargetOption | None:
+        return next((o for o in self.options if o.name == name), None)
+
+    def calibrates(self, precision: str) -> bool:
+        return precision in self.calibrated
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "title": self.title, "aliases": list(self.aliases),
+                "precisions": list(self.precisions), "default_precision": self.precisions[0],
+                "calibrated": list(self.calibrated), "dynamic": self.dynamic, "static_only": self.static_only,
+                "options": [o.to_dict() for o in self.options], "extra": self.extra, "runtime": self.runtime,
+                "verify_runtime": self.runtime_here, "libraries": list(self.libraries),
+                "bench": [{"precision": p, "imgsz": list(size) if size else None} for p, size in self.bench]}
+
 
 @dataclass(frozen=True)
 class ExportRequest:

@@ -19,13 +19,11 @@ import collections
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from edgeface.export.base import Conversion, ExportRequest
+from edgeface.export.base import DEFAULT_IMGSZ, PARITY_IMAGES, Conversion, ExportRequest, TargetOption, TargetSpec
 from edgeface.export.coreml_mil import MILProgramRuntime, UnsupportedOp, load_program, single_thread
-from edgeface.export.pipeline import PARITY_IMAGES
 
 from edgeface.core.bundle import OUTPUT_MEANINGS, OUTPUTS, manifest_for_model
 from edgeface.core.errors import EdgefaceError, require
@@ -35,6 +33,9 @@ from edgeface.core.processing import ResizePolicy, preprocess
 from edgeface.core.versions import library_versions
 from edgeface.evaluation.accuracy import default_image_dir, spread
 from edgeface.inference.detector import Detector
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_FILE = "model.mlpackage"
 DEBUG_MAP = "executorch_debug_handle_mapping.json"
@@ -47,6 +48,25 @@ REFERENCE_IMAGES = 8  # real images for the check of the interpreted MIL program
 COMPUTE_PRECISION = {"fp16": "fp16", "fp32": "fp32", "int8": "fp16"}
 WEIGHTS = {"fp16": "fp16", "fp32": "fp32",
            "int8": f"int8 per-channel (tensors > {INT8_WEIGHT_THRESHOLD} elements, not the heads), fp16 others"}
+SPEC = TargetSpec(
+    name="coreml",
+    title="Core ML",
+    aliases=("ios",),
+    precisions=("fp16", "fp32", "int8"),  # int8: weights only, no calibration images
+    static_only="Core ML bundles use a fixed input size",
+    options=(
+        TargetOption("enumerated_sizes", "further input sizes [(h, w), ...] (EnumeratedShapes); on the command line "
+                     "several comma-separated --imgsz sizes"),
+        TargetOption("coreml_input", "image (pixel buffer, mean in the model; default) or tensor (float32 NCHW, "
+                     "mean subtracted by the caller)", default="image"),
+        TargetOption("coreml_target", f"minimum deployment target, iOS16 / macOS13 or newer (default "
+                     f"{DEFAULT_DEPLOYMENT_TARGET})", default=DEFAULT_DEPLOYMENT_TARGET),
+    ),
+    extra="coreml",
+    runtime="coreml",  # Apple platforms only; elsewhere the export checks the interpreted MIL program
+    libraries=("coremltools", "torch"),
+    bench=(("fp16", DEFAULT_IMGSZ), ("int8", DEFAULT_IMGSZ)),
+)
 
 
 def _coremltools():
@@ -104,6 +124,8 @@ def export_program(model: torch.nn.Module, sizes: list[tuple[int, int]]):
     Several sizes export with symbolic height/width (multiples of 32). ``aten.alias`` (what the FPN's no-op crop
     becomes) has no coremltools converter; it is the identity, so it is removed from the graph.
     """
+    import torch  # deferred: PyTorch (export extra), not needed to read SPEC
+
     model = model.eval()
     h, w = sizes[0]
     dynamic = None
@@ -341,6 +363,7 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
     """The package's MIL program, interpreted, fed what the shared pre-processing makes for the bundle's manifest,
     against PyTorch fed the standard (mean-subtracted) input: detection parity on real images at the default size
     (the project's tolerances for ``precision``), raw outputs and shapes at every size."""
+    import torch  # deferred: PyTorch (export extra)
 
     manifest = manifest_for_model(model, target="coreml", precision=precision, files={"model": MODEL_FILE},
                                   input_hw=sizes[0], mean_in_graph=kind == "image")
@@ -350,7 +373,8 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
         return {"status": "skipped", "reason": str(exc)}
     candidate = Detector(runtime=runtime)
     with single_thread():  # PyTorch too: both run one image at a time
-        report = compare(Detector.for_model(model, resize=candidate.resize), candidate, _reference_images()).check(precision)
+        reference = Detector.for_model(model, resize=candidate.resize)
+        report = compare(reference, candidate, _reference_images()).check(precision)
     result: dict[str, Any] = {
         "status": "passed" if report.passed else "failed",
         "what": "the package's MIL program interpreted op by op with NumPy/PyTorch (FP16 tensors rounded to FP16 "
@@ -456,6 +480,8 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Conversion:
+    import torch  # deferred: PyTorch (export extra)
+
     ct = _coremltools()
     kind = _input_kind(request)
     sizes = _sizes(request)
@@ -539,7 +565,7 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
                    "minimum_deployment_target": target.name,
                    "compute_precision": COMPUTE_PRECISION[precision],
                    "checks": {"export": export_check},
-                   "versions": library_versions("coremltools", "torch")},
+                   "versions": library_versions(*SPEC.libraries)},
         notes=notes,
         not_runnable_here=not_runnable,
         extra=extra,

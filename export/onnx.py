@@ -7,16 +7,18 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-import torch
-from edgeface.export.base import Conversion, ExportRequest
+from edgeface.export.base import Conversion, ExportRequest, TargetOption, TargetSpec
 
 from edgeface.core.bundle import OUTPUTS
 from edgeface.core.errors import EdgefaceError, require
 from edgeface.core.versions import library_versions
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
 
 MODEL_FILE = "model.onnx"
 # Dynamic ranges recorded in the manifest (TensorRT optimisation profiles use them too): [min, opt, max].
@@ -27,11 +29,38 @@ DYNAMIC_RANGES = {"batch": [1, 1, 8], "height": [32, 640, 2048], "width": [32, 6
 INT8_METHOD = "minmax"
 INT8_PERCENTILE = 99.999
 INT8_KEEP_FLOAT = ("heads", "/body/stage1/")
+INT8_METHODS = ("minmax", "entropy", "percentile")
+
+# Options shared with the TensorRT target, which exports through build() below.
+OPSET = TargetOption("opset", "ONNX opset, 13-20 (default 17, which TensorRT 8.5+ parses)", flag="--opset",
+                     default=17, choices=range(13, 21))
+INT8_OPTIONS = (
+    TargetOption("method", "int8 calibration: minmax (default), entropy or percentile", default=INT8_METHOD,
+                 choices=INT8_METHODS),
+    TargetOption("keep_float", "int8: nodes kept in float: 'heads' and node-name prefixes (default "
+                 f"{list(INT8_KEEP_FLOAT)})"),
+    TargetOption("percentile", f"int8 with method percentile: the percentile (default {INT8_PERCENTILE})"),
+)
+SPEC = TargetSpec(
+    name="onnx",
+    title="ONNX",
+    aliases=("x86",),
+    precisions=("fp32", "fp16", "int8"),
+    calibrated=("int8",),
+    options=(OPSET, *INT8_OPTIONS),
+    extra="onnx",
+    runtime="onnxruntime",
+    libraries=("torch", "onnx", "onnxsim", "onnxruntime", "onnxconverter-common"),
+    bench=(("fp32", None), ("fp16", None), ("int8", None)),
+)
 
 
 def export_float(model: torch.nn.Module, input_hw: tuple[int, int] | None, dynamic_batch: bool, opset: int
                  ) -> onnx.ModelProto:
     """torch -> ONNX (TorchScript exporter: it targets opset 17, which every TensorRT since 8.6 parses)."""
+    import onnx  # deferred: the converters (export extra), not needed to read SPEC
+    import torch  # deferred: PyTorch (export extra)
+
     h, w = input_hw or (640, 640)
     dynamic_axes = None
     if input_hw is None or dynamic_batch:
@@ -52,6 +81,8 @@ def export_float(model: torch.nn.Module, input_hw: tuple[int, int] | None, dynam
 
 
 def simplify(proto: onnx.ModelProto, input_hw: tuple[int, int] | None) -> onnx.ModelProto:
+    import onnx  # deferred: the converters (export extra)
+
     onnxsim = require("onnxsim", "onnx", "ONNX simplification")
     kwargs: dict[str, Any] = {}
     if input_hw is None:  # give onnxsim a concrete shape to check with; the graph stays dynamic
@@ -114,6 +145,8 @@ def to_int8(proto: onnx.ModelProto, calibration: tuple[np.ndarray, ...], *, meth
     quantization = require("onnxruntime.quantization", "onnx", "ONNX INT8 quantisation")
     import tempfile
 
+    import onnx  # deferred: the converters (export extra)
+
     methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
                "percentile": quantization.CalibrationMethod.Percentile}
     # "heads" names the output heads; any other entry is a node-name prefix such as "/body/stage1/".
@@ -151,6 +184,8 @@ def to_int8(proto: onnx.ModelProto, calibration: tuple[np.ndarray, ...], *, meth
 def build(model: torch.nn.Module, request: ExportRequest, *, symmetric_activations: bool = False
           ) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, Any]]:
     """The ONNX model of a request, with calibration details and checks; shared with the TensorRT target."""
+    import onnx  # deferred: the converters (export extra)
+
     proto = export_float(model, request.input_hw, request.dynamic_batch, request.opset)
     simplified = simplify(proto, request.input_hw)
     checks = {"onnxsim_max_abs_diff": _max_output_diff(proto, simplified, request.input_hw),
@@ -179,6 +214,8 @@ def dynamic_ranges(request: ExportRequest) -> dict[str, list[int]] | None:
 
 
 def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Conversion:
+    import onnx  # deferred: the converters (export extra)
+
     proto, calibration, checks = build(model, request)
     onnx.save(proto, out_dir / MODEL_FILE)
     return Conversion(
@@ -187,5 +224,5 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
         calibration=calibration,
         converter={"exporter": "torch.onnx.export (TorchScript)", "opset": request.opset, "simplifier": "onnxsim",
                    "checks": checks,
-                   "versions": library_versions("torch", "onnx", "onnxsim", "onnxruntime", "onnxconverter-common")},
+                   "versions": library_versions(*SPEC.libraries)},
     )

@@ -12,8 +12,8 @@ from typing import Any
 
 import cv2
 import numpy as np
-from edgeface.export import CALIBRATED_INT8, get_converter, resolve_precision, resolve_target
-from edgeface.export.base import ExportRequest
+from edgeface.export import check_options, get_converter, get_spec, resolve_precision, resolve_target
+from edgeface.export.base import DEFAULT_IMGSZ, PARITY_IMAGES, ExportRequest
 
 from edgeface.core.bundle import (
     Bundle,
@@ -32,13 +32,7 @@ from edgeface.evaluation.widerface import load_ground_truth
 from edgeface.inference.detector import Detector
 from edgeface.models import canonical_name, get_model
 
-DEFAULT_IMGSZ = (640, 640)
 DYNAMIC_CALIBRATION_HW = (640, 640)  # onnxruntime histogram calibration holds every activation: keep it small
-STATIC_ONLY = {"tflite": "TFLite models are exported per input size (dynamic sizes convert but fail at run time)",
-               "coreml": "Core ML bundles use a fixed input size"}
-PARITY_IMAGES = 8
-# ONNX opsets the TorchScript exporter writes and the INT8 (QDQ, per-channel) path needs.
-OPSETS = range(13, 21)
 # A calibration set where fewer images than this share hold a face the FP32 model finds is warned about.
 CALIBRATION_FACE_SHARE = 0.5
 
@@ -61,27 +55,33 @@ def export_bundle(
     dynamic: bool = False,
     calib: str | os.PathLike | None = None,
     calib_n: int = 100,
-    opset: int = 17,
+    opset: int | None = None,
     verify: bool = True,
     evaluate: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Bundle:
-    """Export one bundle; returns it loaded. ``evaluate``: {"images": DIR, "gt": DIR, "limit": N} adds the WIDER
-    FACE AP of the artifact and its delta to FP32 PyTorch to the manifest."""
+    """Export one bundle; returns it loaded. ``opset`` and ``options`` are the target's options (its spec's
+    ``options``; one it does not declare is refused, naming the targets that take it; None: its default).
+    ``evaluate``: {"images": DIR, "gt": DIR, "limit": N} adds the WIDER FACE AP of the artifact and its delta to FP32
+    PyTorch to the manifest."""
     started = time.perf_counter()
     target = resolve_target(target)
+    target_spec = get_spec(target)
     precision = resolve_precision(target, precision)
-    if dynamic and target in STATIC_ONLY:
-        raise EdgefaceError(f"--dynamic is not available for {target}: {STATIC_ONLY[target]}; use --imgsz HxW")
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    opset = options.pop("opset", None) if opset is None else opset  # a request field, not a converter option
+    options.pop("opset", None)
+    check_options(target, {"opset": opset, **options})
+    if opset is None:
+        opset = target_spec.option("opset").default if target_spec.option("opset") else ExportRequest.opset
+    if dynamic and not target_spec.dynamic:
+        raise EdgefaceError(f"--dynamic is not available for {target}: {target_spec.static_only}; use --imgsz HxW")
     if dynamic and imgsz:
         raise EdgefaceError("give either --imgsz HxW or --dynamic, not both")
     input_hw = None if dynamic else tuple(imgsz or DEFAULT_IMGSZ)
     if input_hw:
         ResizePolicy.parse(f"fixed:{input_hw[0]}x{input_hw[1]}")  # validates multiples of 32
-    if target in ("onnx", "tensorrt") and opset not in OPSETS:
-        raise EdgefaceError(f"--opset {opset} is not supported: give {OPSETS.start}-{OPSETS.stop - 1} (default 17, "
-                            "which TensorRT 8.5+ parses)")
     if calib_n < 1:
         raise EdgefaceError(f"--calib-n {calib_n}: give at least 1 calibration image (default 100)")
     log = (lambda msg: print(f"edgeface export: {msg}", file=sys.stderr)) if progress else (lambda msg: None)
@@ -97,10 +97,10 @@ def export_bundle(
     if calib and not sample_paths:
         raise EdgefaceError(f"no images found under --calib {calib}")
     calibration: tuple[np.ndarray, ...] = ()
-    if precision == "int8" and target in CALIBRATED_INT8:
+    if target_spec.calibrates(precision):
         if not sample_paths:
-            raise EdgefaceError("INT8 needs calibration images: pass --calib DIR (real photographs with faces; "
-                                "the shared WIDER FACE images are used when ../shared is present)")
+            raise EdgefaceError(f"{precision.upper()} needs calibration images: pass --calib DIR (real photographs "
+                                "with faces; the shared WIDER FACE images are used when ../shared is present)")
         chosen = spread(sample_paths, calib_n)
         calibration, faces_found = calibration_tensors(model, chosen, calibration_policy, log,
                                                        count_faces=bool(calib))
@@ -112,7 +112,7 @@ def export_bundle(
             _warn_few_faces(faces_found, len(calibration), log)
     request = ExportRequest(target=target, precision=precision, input_hw=input_hw, dynamic_batch=dynamic,
                             opset=opset, calibration=calibration,
-                            calibration_source=str(image_dir) if calibration else "", options=dict(options or {}),
+                            calibration_source=str(image_dir) if calibration else "", options=options,
                             verify=verify)
 
     with staging_dir(out) as tmp:
@@ -137,12 +137,14 @@ def export_bundle(
         _write_parity_reference(tmp, model, policy)
         write_manifest(tmp, manifest)
         if verify:
-            manifest.parity = _parity(tmp, model, precision, conversion.not_runnable_here, log)
+            manifest.parity = _parity(tmp, model, precision, target_spec.runtime_here, conversion.not_runnable_here,
+                                      log)
         else:
             manifest.parity = {"status": "skipped", "reason": "--no-verify"}
         manifest.export_seconds = round(time.perf_counter() - started, 1)  # conversion + parity, not --eval
         if evaluate:
-            manifest.accuracy = _evaluate(tmp, model, conversion.not_runnable_here, evaluate, progress, log)
+            manifest.accuracy = _evaluate(tmp, model, target_spec.runtime_here, conversion.not_runnable_here,
+                                          evaluate, progress, log)
         write_manifest(tmp, manifest)
     log(f"wrote {out} in {manifest.export_seconds} s")
     return load_bundle(out)
@@ -219,12 +221,13 @@ def _warn_few_faces(with_faces: int, images: int, log) -> None:
             "photographs with faces like the ones the model will see")
 
 
-def _parity(bundle_dir: Path, model, precision: str, not_runnable: str | None, log) -> dict[str, Any]:
+def _parity(bundle_dir: Path, model, precision: str, runtime: str, not_runnable: str | None, log
+            ) -> dict[str, Any]:
 
     if not_runnable:
         log(f"parity skipped: {not_runnable}")
         return {"status": "skipped", "reason": not_runnable}
-    candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir), default_resize="original",
+    candidate = Detector(model=bundle_dir, runtime=runtime, default_resize="original",
                          self_check=False)  # the full parity check follows
     try:  # closed on every path: a failed comparison must not keep the artifact's session open
         reference = Detector.for_model(model, resize=candidate.resize)
@@ -240,18 +243,13 @@ def _parity(bundle_dir: Path, model, precision: str, not_runnable: str | None, l
     return {"status": "passed", "runtime": candidate.runtime.name, **report.to_dict()}
 
 
-def _runtime_here(bundle_dir: Path) -> str | None:
-    """The runtime that checks a bundle on this machine (the Jetson bundle's ONNX runs in onnxruntime here)."""
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    return manifest.get("target_info", {}).get("verify_runtime")
-
-
-def _evaluate(bundle_dir: Path, model, not_runnable: str | None, spec: dict[str, Any], progress: bool, log):
+def _evaluate(bundle_dir: Path, model, runtime: str, not_runnable: str | None, spec: dict[str, Any], progress: bool,
+              log):
 
     if not_runnable:
         return {"status": "skipped", "reason": not_runnable}
     gt = load_ground_truth(spec["gt"])
-    candidate = Detector(model=bundle_dir, runtime=_runtime_here(bundle_dir), self_check=False, **WIDER_SETTINGS)
+    candidate = Detector(model=bundle_dir, runtime=runtime, self_check=False, **WIDER_SETTINGS)
     log(f"WIDER FACE evaluation of the artifact ({candidate.resize})")
     try:
         ours = evaluate_detector(candidate.detect_arrays, spec["images"], gt, limit=spec.get("limit"),

@@ -14,11 +14,10 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import onnx
 from edgeface.export import onnx as onnx_export
-from edgeface.export.base import Conversion, ExportRequest
+from edgeface.export.base import Conversion, ExportRequest, TargetSpec
 
 from edgeface.core.bundle import load_bundle, update_bundle, write_manifest
 from edgeface.core.errors import EdgefaceError, require
@@ -26,6 +25,9 @@ from edgeface.core.files import atomic_write
 from edgeface.core.parity import compare_to_reference
 from edgeface.core.versions import library_versions
 from edgeface.inference.detector import Detector
+
+if TYPE_CHECKING:
+    import onnx
 
 MODEL_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
@@ -42,6 +44,19 @@ Unsqueeze Where
 """.split())
 MAX_OPSET = 17
 WORKSPACE_MB = 1024
+SPEC = TargetSpec(
+    name="tensorrt",
+    title="TensorRT",
+    aliases=("jetson",),
+    precisions=("fp16", "fp32", "int8"),
+    calibrated=("int8",),
+    options=(onnx_export.OPSET, *onnx_export.INT8_OPTIONS),
+    extra="onnx",  # the bundle is an ONNX; TensorRT itself (the tensorrt extra, or JetPack) builds it on the device
+    runtime="tensorrt",
+    verify_runtime="onnxruntime",  # the bundle's ONNX, checked here; the engine is checked by build-engine
+    libraries=onnx_export.SPEC.libraries,
+    bench=(("fp16", None), ("int8", None)),
+)
 
 
 def check_operators(proto: onnx.ModelProto) -> list[str]:
@@ -74,6 +89,8 @@ def profile(request: ExportRequest) -> dict[str, list[list[int]]]:
 
 
 def convert(model, out_dir: Path, request: ExportRequest) -> Conversion:
+    import onnx  # deferred: the converters (export extra), not needed to read SPEC
+
     # FP16: TensorRT builds FP16 kernels from FP32 weights itself (keeping FP32 where it must), so the ONNX stays
     # FP32. INT8: symmetric activations, as TensorRT requires of explicit quantisation.
     onnx_request = dataclasses.replace(request, precision="fp32") if request.precision == "fp16" else request
@@ -90,10 +107,9 @@ def convert(model, out_dir: Path, request: ExportRequest) -> Conversion:
         calibration=calibration,
         converter={"exporter": "torch.onnx.export (TorchScript)", "opset": request.opset, "simplifier": "onnxsim",
                    "checks": checks,
-                   "versions": library_versions("torch", "onnx", "onnxsim", "onnxruntime", "onnxconverter-common")},
+                   "versions": library_versions(*SPEC.libraries)},
         notes=["The engine is built on the device: `edgeface build-engine BUNDLE` (TensorRT Python API)."],
         extra={
-            "verify_runtime": "onnxruntime",
             "build": build,
             "onnx_operators": operators,
             "verified_here": ["ONNX outputs vs PyTorch on real images (onnxruntime)", "ONNX checker",

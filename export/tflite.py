@@ -34,25 +34,27 @@ scrambled-output failure of other converters) fails the export.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from edgeface.export.base import Conversion, ExportRequest
+from edgeface.export.base import DEFAULT_IMGSZ, Conversion, ExportRequest, TargetOption, TargetSpec
 from edgeface.runtimes.tflite import load_interpreter
-from torch import nn
 
 from edgeface.core.bundle import OUTPUTS
 from edgeface.core.errors import EdgefaceError, require
 from edgeface.core.images import ASTRONAUT, load_image
 from edgeface.core.processing import ResizePolicy, dequantize, preprocess, quantize
 from edgeface.core.versions import library_versions
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MODEL_FILE = "model.tflite"
 SIGNATURE = "serving_default"
@@ -68,34 +70,66 @@ DEFAULT_SENSITIVE = ("body.stage1",)
 MAPPING_TOLERANCE = {"fp32": 1e-3, "fp16": 0.1, "int8": 0.7}
 MAPPING_CALIBRATION_IMAGES = 3  # calibration images used for the check besides the bundled photo (and a crop)
 SPREAD_FLOOR = 0.1  # a level's spread counts as at least this share of the output's spread over all levels
+SPEC = TargetSpec(
+    name="tflite",
+    title="TFLite",
+    aliases=("android", "rpi"),
+    precisions=("fp32", "fp16", "int8"),
+    calibrated=("int8",),
+    static_only="TFLite models are exported per input size (dynamic sizes convert but fail at run time)",
+    options=(
+        TargetOption("int8_io", "int8 with integer input/output tensors (NPUs)", flag="--int8-io", default=False),
+        TargetOption("keep_float", "int8: module paths computed in float (float-I/O default "
+                     f"{list(DEFAULT_SENSITIVE)})"),
+        TargetOption("int16_activations", "int8: module paths with int16 activations (int8-I/O default "
+                     f"{list(DEFAULT_SENSITIVE)})"),
+    ),
+    extra="tflite",
+    runtime="tflite",
+    libraries=("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torch"),
+    bench=(("fp32", DEFAULT_IMGSZ), ("fp16", DEFAULT_IMGSZ), ("int8", DEFAULT_IMGSZ)),
+)
 
 
-class _NHWCInput(nn.Module):
-    """NHWC float input -> the NCHW network; outputs by name (they become the signature's output names)."""
+@functools.cache
+def _wrappers() -> tuple[type, type]:
+    """The two torch modules the export wraps the network in, defined on first use: reading SPEC does not import
+    PyTorch."""
+    import torch  # deferred: PyTorch (export extra)
+    from torch import nn
 
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
+    class _NHWCInput(nn.Module):
+        """NHWC float input -> the NCHW network; outputs by name (they become the signature's output names)."""
 
-    def forward(self, input: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: A002 - the signature input name
-        outputs = self.network(input.permute(0, 3, 1, 2))
-        return dict(zip(OUTPUTS, outputs))
+        def __init__(self, network: nn.Module) -> None:
+            super().__init__()
+            self.network = network
 
+        def forward(self, input: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: A002 - the signature input name
+            outputs = self.network(input.permute(0, 3, 1, 2))
+            return dict(zip(OUTPUTS, outputs))
 
-class _LeakyReLUAsMaximum(nn.Module):
-    """LeakyReLU(a) for 0 < a < 1 written as maximum(x, a * x): integer MUL + MAXIMUM in a quantized graph."""
+    class _LeakyReLUAsMaximum(nn.Module):
+        """LeakyReLU(a) for 0 < a < 1 written as maximum(x, a * x): integer MUL + MAXIMUM in a quantized graph."""
 
-    def __init__(self, negative_slope: float) -> None:
-        super().__init__()
-        self.negative_slope = float(negative_slope)
+        def __init__(self, negative_slope: float) -> None:
+            super().__init__()
+            self.negative_slope = float(negative_slope)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(x, x * self.negative_slope)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.maximum(x, x * self.negative_slope)
+
+    for cls in (_NHWCInput, _LeakyReLUAsMaximum):
+        cls.__qualname__ = cls.__name__  # as if defined at module level (litert-torch names tensors by module)
+    return _NHWCInput, _LeakyReLUAsMaximum
 
 
 def integer_friendly(network: nn.Module, skip: tuple[str, ...] = ()) -> tuple[nn.Module, int]:
     """A copy of ``network`` whose LeakyReLUs (outside the module paths in ``skip``) are ops the INT8 quantizer
     covers; returns it and how many were replaced."""
+    from torch import nn  # deferred: PyTorch (export extra)
+
+    leaky_as_maximum = _wrappers()[1]
     network = copy.deepcopy(network).eval()
     changed = 0
 
@@ -110,7 +144,7 @@ def integer_friendly(network: nn.Module, skip: tuple[str, ...] = ()) -> tuple[nn
                 if slope == 0.0:
                     setattr(module, name, nn.ReLU())
                 elif 0.0 < slope < 1.0:
-                    setattr(module, name, _LeakyReLUAsMaximum(slope))
+                    setattr(module, name, leaky_as_maximum(slope))
                 else:
                     continue
                 changed += 1
@@ -131,10 +165,12 @@ def module_regex(path: str) -> str:
 def to_tflite(network: nn.Module, input_hw: tuple[int, int]) -> bytes:
     """torch (NCHW) -> float32 TFLite flatbuffer with one NHWC input named ``input``."""
     litert_torch = require("litert_torch", "tflite", "TFLite export")
+    import torch  # deferred: PyTorch (export extra)
+
     h, w = input_hw
     sample = {INPUT_NAME: torch.zeros(1, h, w, 3)}
     with torch.no_grad():
-        edge_model = litert_torch.convert(_NHWCInput(network).eval(), sample_kwargs=sample)
+        edge_model = litert_torch.convert(_wrappers()[0](network).eval(), sample_kwargs=sample)
         return bytes(edge_model.model_content())
 
 
@@ -262,6 +298,8 @@ def map_outputs(model_content: bytes, model, request: ExportRequest, *, strict: 
     Raises EdgefaceError if a PyTorch output is reproduced by no TFLite output (``strict=False``, for
     --no-verify: takes the closest one and reports the check as failed instead)."""
 
+    import torch  # deferred: PyTorch (export extra)
+
     inputs = _reference_inputs(model, request)
     batch = np.concatenate([x for _, x in inputs])
     with torch.inference_mode():
@@ -378,8 +416,8 @@ def convert(model: nn.Module, out_dir: Path, request: ExportRequest) -> Conversi
     int16 = _module_paths(options.pop("int16_activations", sensitive if int8 and int8_io else ()), model,
                           "int16_activations")
     if options:
-        raise EdgefaceError(f"unknown TFLite options {sorted(options)} (known: int8_io, keep_float, "
-                            "int16_activations)")
+        raise EdgefaceError(f"unknown TFLite options {sorted(options)} (known: "
+                            f"{', '.join(o.name for o in SPEC.options)})")
     if not int8 and (int8_io or keep_float or int16):
         raise EdgefaceError(f"int8_io / keep_float / int16_activations apply to INT8 bundles only (this export is "
                             f"{request.precision})")
@@ -438,7 +476,7 @@ def convert(model: nn.Module, out_dir: Path, request: ExportRequest) -> Conversi
         calibration=calibration,
         converter={"exporter": "litert_torch.convert", "channel_last_input": "NHWC -> NCHW permute in a wrapper",
                    "quantizer": quant_info, "convert_seconds": round(convert_seconds, 1),
-                   "versions": library_versions("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torch")},
+                   "versions": library_versions(*SPEC.libraries)},
         notes=notes,
         extra=extra,
     )

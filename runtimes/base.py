@@ -17,9 +17,12 @@ from edgeface.core.processing import ResizePolicy
 
 
 class Runtime(ABC):
-    """Subclasses set ``name``, ``targets`` and ``concurrent`` and implement :meth:`open` and :meth:`infer`.
+    """Subclasses declare ``name``, ``targets``, ``default_for``, ``concurrent``, ``devices``, ``options``,
+    ``extra`` and ``libraries`` and implement :meth:`open` and :meth:`infer`. A runtime module imports its backend
+    library in :meth:`open` (``require``), so the registry reads every declaration without loading any backend.
 
-    Threads: one runtime (and the :class:`~edgeface.inference.detector.Detector` holding it) may be shared by any number of
+    Threads: one runtime (and the :class:`~edgeface.inference.detector.Detector` holding it) may be shared by any
+    number of
     threads; :meth:`infer` is safe to call from all of them at once. Backends whose inference state is not
     reentrant (``concurrent = False``: tflite's interpreter, TensorRT's execution context, Core ML's model) run
     one call at a time under :attr:`lock` and the others wait; ``concurrent = True`` backends (onnxruntime's
@@ -36,6 +39,16 @@ class Runtime(ABC):
     # The ``device`` values this runtime accepts (:meth:`check_device`); "cuda:N" stands for cuda:0, cuda:1, ...
     # "cpu" is every command's default (``--device cpu``), so every runtime takes it.
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    # The bundle targets this runtime runs when none is named (one runtime per target; a subset of ``targets``).
+    default_for: ClassVar[tuple[str, ...]] = ()
+    # The keyword options of :meth:`open` it reads besides ``device``; any other is refused by
+    # :func:`edgeface.runtimes.open_runtime`, naming the runtimes that take it. ``threads`` is accepted by every
+    # runtime (boards and bench set it for all): those that do not list it have no CPU thread setting.
+    options: ClassVar[tuple[str, ...]] = ()
+    # The pip extra that installs its backend library (`pip install edgeface[EXTRA]`); None: the base install.
+    extra: ClassVar[str | None] = None
+    # Distributions whose versions a bench report records for it.
+    libraries: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, manifest: Manifest, *, source: str) -> None:
         self.manifest = manifest

@@ -57,6 +57,10 @@ class CoreMLRuntime(Runtime):
     concurrent = False  # one MLModel predicts for one caller at a time; calls take turns under self.lock
     # Core ML compute units by name (any case); "cpu", every command's default, does not restrict them.
     devices = ("cpu", *(k for k in COMPUTE_UNITS if k != "cpu"))
+    default_for = ("coreml",)
+    options = ("compute_units",)  # no CPU thread setting: Core ML schedules its own
+    extra = "coreml"
+    libraries = ("coremltools",)
 
     @classmethod
     def check_device(cls, device: Any) -> None:

@@ -26,6 +26,10 @@ class OnnxRuntime(Runtime):
     concurrent = True  # InferenceSession.run is thread-safe
     # cpu, cuda / cuda:N (the CUDA provider) or another execution provider by its short name (see PROVIDERS)
     devices = ("cpu", "cuda", "cuda:N", *(p for p in PROVIDERS if p not in ("cpu", "cuda")))
+    default_for = ("onnx",)
+    options = ("threads", "providers")
+    extra = None  # onnxruntime is in the base install
+    libraries = ("onnxruntime",)
 
     def __init__(self, bundle: Bundle, *, providers: list[str] | None = None, threads: int | None = None) -> None:
         import onnxruntime as ort

@@ -1,6 +1,6 @@
 """TensorRT engines (Jetson, NVIDIA GPUs). The engine is built on the device by ``edgeface build-engine BUNDLE``
-(an export step, which changes the bundle); opening a runtime never writes to the bundle. Device memory is owned by PyTorch CUDA tensors, allocated
-once per input shape and freed with the runtime, so long streams do not leak."""
+(an export step, which changes the bundle); opening a runtime never writes to the bundle. Device memory is owned by
+PyTorch CUDA tensors, allocated once per input shape and freed with the runtime, so long streams do not leak."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ class TensorRTRuntime(Runtime):
     # The engine runs on the GPU (buffers on torch's "cuda", GPU 0); "cpu", every command's default, is accepted
     # and changes nothing.
     devices = ("cpu", "cuda", "cuda:0")
+    default_for = ("tensorrt",)
+    options = ()  # the engine's settings were fixed when it was built
+    extra = "tensorrt"  # or JetPack's TensorRT on a Jetson; CUDA buffers through PyTorch
+    libraries = ("tensorrt", "torch")
 
     def __init__(self, bundle: Bundle) -> None:
         super().__init__(bundle.manifest, source=str(bundle.path))

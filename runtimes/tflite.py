@@ -30,8 +30,8 @@ def interpreter_module() -> tuple[Any, str]:
             failures.append(f"{module}: {first_line(exc)}")
     raise EdgefaceError(
         "running TFLite bundles needs a TFLite interpreter (" + "; ".join(failures) + "); install one with "
-        "`pip install edgeface[tflite]` (LiteRT), or on a Raspberry Pi `pip install tflite-runtime` "
-        "(which needs numpy<2)"
+        "`pip install ai-edge-litert` (LiteRT; `edgeface[tflite]` brings it with the TFLite exporter and PyTorch), "
+        "or on a Raspberry Pi `pip install tflite-runtime` (which needs numpy<2)"
     )
 
 
@@ -70,6 +70,10 @@ class TFLiteRuntime(Runtime):
     # interleave (or fail with "There is at least 1 reference to internal data"), so calls take turns.
     concurrent = False
     devices = ("cpu",)  # XNNPACK on the CPU
+    default_for = ("tflite",)
+    options = ("threads", "xnnpack")
+    extra = "tflite"  # LiteRT; on a Raspberry Pi, tflite-runtime serves as well
+    libraries = tuple(dist for _, dist in INTERPRETERS)
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None, xnnpack: bool = True) -> None:
         super().__init__(bundle.manifest, source=str(bundle.path))
@@ -81,7 +85,7 @@ class TFLiteRuntime(Runtime):
             hint = "re-export the bundle"
             if self.manifest.input.dtype != "float32":
                 # e.g. tflite-runtime 2.14 has no int8 -> int16 QUANTIZE, which --int8-io bundles start with
-                hint = ("int8-I/O bundles with 16-bit stages need LiteRT (`pip install edgeface[tflite]`); use the "
+                hint = ("int8-I/O bundles with 16-bit stages need LiteRT (`pip install ai-edge-litert`); use the "
                         "float-I/O INT8 bundle on tflite-runtime")
             raise EdgefaceError(f"{self.info['library']} {self.info['version']} cannot run {bundle.file()}: "
                                 f"{first_line(exc)}; {hint}") from None

@@ -2,7 +2,8 @@
 # Creates (or reuses) .venv and installs the working tree, editable, with the tested, pinned dependency versions:
 # tests and `edgeface` always run the code in this checkout (the design card's export/, runtimes/, benchmarks/ and
 # boards/ folders are mapped in as edgeface.* by pyproject's package-dir). No build/ copy is left behind.
-# Usage: scripts/setup-venv.sh [EXTRAS]   e.g. scripts/setup-venv.sh test
+# Usage: scripts/setup-venv.sh [EXTRAS]   e.g. scripts/setup-venv.sh all,test (the development environment, what
+# scripts/test.sh uses); without extras it is the device install: no PyTorch, no converters, no scipy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"

@@ -29,6 +29,10 @@ def test_unknown_board_suggests_the_nearest():
     ({"precision": "int4"}, "precision"),
     ({"runtime": "tensorflow"}, "unknown runtime"),
     ({"imgsz": None, "dynamic": False}, "imgsz or dynamic"),
+    # what the target's and the runtime's declarations allow
+    ({"runtime": "coreml"}, "runtime 'coreml' does not run tflite bundles"),
+    ({"opset": 17}, r"opset is not an option of the tflite target \(targets that take it: onnx, tensorrt\)"),
+    ({"imgsz": None, "dynamic": True}, "dynamic = true is not available for tflite"),
 ])
 def test_bad_profiles_are_refused(change, message):
     data = {**get_board("raspberry-pi-5").to_dict(), **change}

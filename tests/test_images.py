@@ -129,7 +129,8 @@ def test_files_that_are_not_images(tmp_path):
         with pytest.raises(EdgefaceError) as error:
             load_image(path)
         assert str(error.value) == message
-    with pytest.raises(EdgefaceError, match=r"^image bytes \(0 bytes\) could not be decoded as an image: it is empty \(0 bytes\)$"):
+    empty = r"^image bytes \(0 bytes\) could not be decoded as an image: it is empty \(0 bytes\)$"
+    with pytest.raises(EdgefaceError, match=empty):
         load_image(b"")
 
 

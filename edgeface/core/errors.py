@@ -2,6 +2,10 @@
 word one."""
 
 import importlib
+import importlib.util
+
+# The extra that brings PyTorch (and the ONNX exporter): a device install (`pip install edgeface`) has neither.
+TORCH_EXTRA = "export"
 
 
 class EdgefaceError(Exception):
@@ -24,3 +28,21 @@ def require(module: str, extra: str, purpose: str):
             f"{purpose} needs the Python package providing '{module}' ({first_line(exc)}); install it with "
             f"`pip install edgeface[{extra}]`"
         ) from None
+
+
+def torch_installed() -> bool:
+    """Whether PyTorch can be imported here, found without importing it (that alone takes about a second)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def needs_torch(purpose: str) -> EdgefaceError:
+    """The one-line error for what only PyTorch does, on an install without it."""
+    return EdgefaceError(f"{purpose} needs PyTorch, which is not installed here (without it edgeface runs exported "
+                         f"bundles, --model DIR, and the default model as ONNX); install it with "
+                         f"`pip install edgeface[{TORCH_EXTRA}]`")
+
+
+def require_torch(purpose: str) -> None:
+    """Raise :func:`needs_torch`'s error unless PyTorch is installed."""
+    if not torch_installed():
+        raise needs_torch(purpose)

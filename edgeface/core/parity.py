@@ -14,7 +14,7 @@ from edgeface.core.bundle import _inside
 from edgeface.core.errors import EdgefaceError, first_line
 from edgeface.core.face import LANDMARK_NAMES
 from edgeface.core.images import load_image
-from edgeface.core.processing import Detections, ResizePolicy, postprocess, preprocess
+from edgeface.core.processing import Detections, ResizePolicy
 
 # Share of reference faces a candidate must find at IoU >= 0.9, and the largest mean landmark error (pixels /
 # sqrt(reference box area)) it may have, by precision. Set from measurements of every target (README).
@@ -109,21 +109,17 @@ class _Tally:
 
 
 def compare(reference, candidate, images: Sequence[np.ndarray]) -> ParityReport:
-    """Compare two :class:`~edgeface.inference.detector.Detector` s image by image, on the candidate's input policy, from
-    their raw outputs on the same input."""
+    """Compare two :class:`~edgeface.inference.detector.Detector` s image by image, both on the candidate's input
+    policy (through :meth:`~edgeface.inference.detector.Detector.infer_arrays`, the one inference path), from
+    their raw outputs (max abs difference per output) and their faces at :data:`LOOSE_THRESHOLD`."""
     tally, diffs = _Tally(), {}
     for image in images:
-        raw, dets = [], []
-        for det in (reference, candidate):
-            batch, (letterbox,) = preprocess([image], policy=candidate.resize, mean_bgr=det.runtime.mean_bgr,
-                                             pad_bgr=det.runtime.pad_bgr, layout=det.runtime.layout)
-            out = det.runtime.infer(batch)
-            raw.append(out)
-            dets.append(postprocess(out["loc"][0], out["conf"][0], out["landmarks"][0], letterbox,
-                                    anchors=det.anchors, score_threshold=LOOSE_THRESHOLD))
-        for name in raw[0]:
-            diffs[name] = max(diffs.get(name, 0.0), float(np.abs(raw[0][name] - raw[1][name]).max()))
-        tally.add(*dets)
+        (ref_raw, ref), (cand_raw, cand) = (
+            det.infer_arrays([image], resize=candidate.resize, score_threshold=LOOSE_THRESHOLD)[0]
+            for det in (reference, candidate))
+        for name in ref_raw:
+            diffs[name] = max(diffs.get(name, 0.0), float(np.abs(ref_raw[name] - cand_raw[name]).max()))
+        tally.add(ref, cand)
     return tally.report(diffs)
 
 
@@ -132,17 +128,14 @@ def compare_to_reference(candidate, bundle_dir) -> ParityReport:
     devices without PyTorch: the check ``edgeface build-engine`` runs after building an engine).
 
     The file is checked whole before anything runs: every record's fields and types, and each image path strictly
-    inside the bundle. Raises :class:`~edgeface.core.errors.EdgefaceError` in one line naming the file and the field."""
-
+    inside the bundle. Raises :class:`~edgeface.core.errors.EdgefaceError` in one line naming the file and the
+    field."""
     policy, records = read_reference(bundle_dir)
     tally = _Tally()
     for image_path, ref in records:
-        image = load_image(image_path)
-        batch, (letterbox,) = preprocess([image], policy=policy, mean_bgr=candidate.runtime.mean_bgr,
-                                         pad_bgr=candidate.runtime.pad_bgr, layout=candidate.runtime.layout)
-        out = candidate.runtime.infer(batch)
-        tally.add(ref, postprocess(out["loc"][0], out["conf"][0], out["landmarks"][0], letterbox,
-                                   anchors=candidate.anchors, score_threshold=LOOSE_THRESHOLD))
+        _, found = candidate.infer_arrays([load_image(image_path)], resize=policy,
+                                          score_threshold=LOOSE_THRESHOLD)[0]
+        tally.add(ref, found)
     return tally.report({})
 
 

@@ -50,7 +50,8 @@ class ResizePolicy:
     """How an image is scaled before the network.
 
     - ``max:N``: scale down so the longest side is at most N pixels; smaller images keep their size. ``max:640``
-      is :data:`DEFAULT_RESIZE`, what :class:`~edgeface.inference.detector.Detector` uses for photographs with a model that
+      is :data:`DEFAULT_RESIZE`, what :class:`~edgeface.inference.detector.Detector` uses for photographs with a
+      model that
       takes any size: the anchors cover faces of 16 to about 600 pixels at the network input, so a face filling
       a selfie or close-up stays within them (at original scale it comes out as several confident fragments).
     - ``longest:N``: scale so the longest side is N pixels (up or down).

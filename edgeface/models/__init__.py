@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from edgeface.core.errors import EdgefaceError
-from edgeface.models.retinaface import MNET025, OUTPUT_NAMES, R50, RetinaFace, RetinaFaceConfig
+from edgeface.core.model_config import MNET025, MODEL_ALIASES, R50, RetinaFaceConfig
+from edgeface.models.retinaface import OUTPUT_NAMES, RetinaFace
 from edgeface.models.weights import LoadedWeights, resolve_weights
 
 __all__ = ["RetinaFace", "RetinaFaceConfig", "OUTPUT_NAMES", "get_model", "list_models", "register_model",
@@ -16,8 +17,7 @@ __all__ = ["RetinaFace", "RetinaFaceConfig", "OUTPUT_NAMES", "get_model", "list_
 
 _BUILDERS: dict[str, Callable[..., RetinaFace]] = {}
 # Short names accepted by --backbone.
-ALIASES = {"mnet025": "retinaface_mnet025", "mobilenet0.25": "retinaface_mnet025", "r50": "retinaface_r50",
-           "resnet50": "retinaface_r50"}
+ALIASES = MODEL_ALIASES
 
 
 def register_model(fn: Callable[..., RetinaFace]) -> Callable[..., RetinaFace]:

@@ -8,67 +8,20 @@ tensor values.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgeface.core.processing import AnchorSpec
+from edgeface.core.model_config import MNET025, R50, RetinaFaceConfig
 from edgeface.models.layers import conv_bn
 from edgeface.models.mobilenet import MobileNetV1
 from edgeface.models.resnet import ResNet50
 
+# The configurations are data in edgeface.core.model_config (a device install reads them without PyTorch).
+__all__ = ["MNET025", "R50", "RetinaFaceConfig", "RetinaFace", "OUTPUT_NAMES", "NUM_LANDMARKS"]
+
 OUTPUT_NAMES = ("loc", "conf", "landmarks")
 NUM_LANDMARKS = 5
-
-
-@dataclass(frozen=True)
-class RetinaFaceConfig:
-    """Everything that defines a RetinaFace variant, as data (also written into export manifests)."""
-
-    name: str
-    backbone: str
-    return_layers: tuple[str, ...]
-    in_channels: tuple[int, int, int]
-    out_channels: int
-    # Activation slope of the backbone, FPN and SSH. A checkpoint does not record it: the first release of the
-    # reference MobileNet-0.25 was trained with ReLU (0.0), its later code uses LeakyReLU(0.1).
-    negative_slope: float
-    anchors: AnchorSpec = AnchorSpec()
-    mean_bgr: tuple[float, float, float] = (104.0, 117.0, 123.0)
-
-    @property
-    def anchors_per_location(self) -> int:
-        return len(self.anchors.min_sizes[0])
-
-    def replace(self, **changes: Any) -> "RetinaFaceConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        # JSON has no tuples: lists throughout, so a dict read back from a manifest compares equal.
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-
-MNET025 = RetinaFaceConfig(
-    name="retinaface_mnet025",
-    backbone="mobilenet_v1_0.25",
-    return_layers=("stage1", "stage2", "stage3"),
-    in_channels=(64, 128, 256),
-    out_channels=64,
-    negative_slope=0.1,
-)
-R50 = RetinaFaceConfig(
-    name="retinaface_r50",
-    backbone="resnet50",
-    return_layers=("layer2", "layer3", "layer4"),
-    in_channels=(512, 1024, 2048),
-    out_channels=256,
-    negative_slope=0.0,
-)
 
 
 class FeatureExtractor(nn.Module):

