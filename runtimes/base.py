@@ -119,16 +119,3 @@ def _device_matches(device: str, accepted: tuple[str, ...]) -> bool:
         elif device == name:
             return True
     return False
-
-
-def quantize(batch: np.ndarray, quantization: dict[str, float], dtype: str) -> np.ndarray:
-    """float -> integer tensor of a fully quantised model (real = scale * (q - zero_point))."""
-    info = np.iinfo(np.dtype(dtype))
-    q = np.round(batch / quantization["scale"] + quantization["zero_point"])
-    return np.clip(q, info.min, info.max).astype(dtype)
-
-
-def dequantize(tensor: np.ndarray, quantization: dict[str, float] | None) -> np.ndarray:
-    if quantization is None:
-        return tensor.astype(np.float32, copy=False)
-    return ((tensor.astype(np.float32) - quantization["zero_point"]) * quantization["scale"]).astype(np.float32)

@@ -912,23 +912,10 @@ def update_bundle(path: str | os.PathLike) -> Iterator[Bundle]:
         yield _open_bundle(tmp)  # the copy is what its manifest lists, hashes checked
 
 
-def manifest_for_model(
-    model,
-    *,
-    target: str,
-    precision: str,
-    files: dict[str, str],
-    layout: str = "NCHW",
-    input_hw: tuple[int, int] | None = None,
-    dynamic: dict[str, list[int]] | None = None,
-    batch: int = 1,
-    mean_in_graph: bool = False,
-    input_dtype: str = "float32",
-) -> Manifest:
-    """The manifest of ``model`` (a RetinaFace) as ``target`` runs it: static ``input_hw`` or ``dynamic`` ranges."""
-    return manifest_for_config(model.config, getattr(model, "weights_info", None), target=target,
-                               precision=precision, files=files, layout=layout, input_hw=input_hw, dynamic=dynamic,
-                               batch=batch, mean_in_graph=mean_in_graph, input_dtype=input_dtype)
+def manifest_for_model(model, **options: Any) -> Manifest:
+    """The manifest of ``model`` (a RetinaFace) as a target runs it: :func:`manifest_for_config` with the model's
+    configuration and weights provenance; ``options`` are that function's keyword arguments."""
+    return manifest_for_config(model.config, getattr(model, "weights_info", None), **options)
 
 
 def manifest_for_config(
