@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 from edgeface.runtimes.base import Runtime
 
-from edgeface.core.bundle import OUTPUTS, Bundle, Manifest
+from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError, require
+from edgeface.core.manifest import OUTPUTS, Manifest
 
 
 @contextmanager

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from edgeface.export.base import Conversion, ExportRequest, TargetOption, TargetSpec
 
-from edgeface.core.bundle import OUTPUTS
 from edgeface.core.errors import EdgefaceError, require
+from edgeface.core.manifest import OUTPUTS
 from edgeface.core.versions import library_versions
 
 if TYPE_CHECKING:

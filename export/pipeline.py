@@ -15,16 +15,10 @@ import numpy as np
 from edgeface.export import check_options, get_converter, get_spec, resolve_precision, resolve_target
 from edgeface.export.base import DEFAULT_IMGSZ, PARITY_IMAGES, ExportRequest
 
-from edgeface.core.bundle import (
-    Bundle,
-    check_output_folder,
-    load_bundle,
-    manifest_for_model,
-    staging_dir,
-    write_manifest,
-)
+from edgeface.core.bundle import Bundle, check_output_folder, load_bundle, staged_bundle, staging_dir, write_manifest
 from edgeface.core.errors import EdgefaceError, first_line
 from edgeface.core.images import ASTRONAUT, list_images, load_image
+from edgeface.core.manifest import manifest_for_model
 from edgeface.core.parity import LOOSE_THRESHOLD, SCORE_THRESHOLD, compare
 from edgeface.core.processing import ResizePolicy, preprocess
 from edgeface.evaluation.accuracy import WIDER_SETTINGS, default_image_dir, evaluate_detector, fp32_baseline, spread
@@ -119,31 +113,26 @@ def export_bundle(
         log(f"converting {model.config.name} to {target} {precision} "
             f"({'dynamic' if input_hw is None else f'{input_hw[0]}x{input_hw[1]}'})")
         conversion = get_converter(target)(model, tmp, request)
-        manifest = manifest_for_model(model, target=target, precision=precision, files=conversion.files,
-                                      layout=conversion.layout, input_hw=input_hw, dynamic=conversion.dynamic,
-                                      mean_in_graph=conversion.mean_in_graph, input_dtype=conversion.input_dtype)
-        manifest.input.quantization = conversion.input_quantization
-        for spec in manifest.outputs:
-            if conversion.output_dtypes:
-                spec.dtype = conversion.output_dtypes.get(spec.name, spec.dtype)
-            if conversion.output_quantization:
-                spec.quantization = conversion.output_quantization.get(spec.name)
-        manifest.calibration = conversion.calibration
-        if calib and calibration and manifest.calibration is not None:
-            manifest.calibration["images_with_faces"] = faces_found
-        manifest.converter = conversion.converter
-        manifest.target_info = conversion.extra
-        manifest.notes = conversion.notes
+        calibration_record = conversion.calibration
+        if calib and calibration and calibration_record is not None:
+            calibration_record = {**calibration_record, "images_with_faces": faces_found}
+        manifest = manifest_for_model(
+            model, target=target, precision=precision, files=conversion.files, layout=conversion.layout,
+            input_hw=input_hw, dynamic=conversion.dynamic, mean_in_graph=conversion.mean_in_graph,
+            input_dtype=conversion.input_dtype, input_quantization=conversion.input_quantization,
+            output_dtypes=conversion.output_dtypes, output_quantization=conversion.output_quantization,
+            calibration=calibration_record, converter=conversion.converter, target_info=conversion.extra,
+            notes=conversion.notes)
         _write_parity_reference(tmp, model, policy)
-        write_manifest(tmp, manifest)
+        staged = staged_bundle(tmp, manifest)  # checked as a load would check it; the manifest is written last
         if verify:
-            manifest.parity = _parity(tmp, model, precision, target_spec.runtime_here, conversion.not_runnable_here,
+            manifest.parity = _parity(staged, model, precision, target_spec.runtime_here, conversion.not_runnable_here,
                                       log)
         else:
             manifest.parity = {"status": "skipped", "reason": "--no-verify"}
         manifest.export_seconds = round(time.perf_counter() - started, 1)  # conversion + parity, not --eval
         if evaluate:
-            manifest.accuracy = _evaluate(tmp, model, target_spec.runtime_here, conversion.not_runnable_here,
+            manifest.accuracy = _evaluate(staged, model, target_spec.runtime_here, conversion.not_runnable_here,
                                           evaluate, progress, log)
         write_manifest(tmp, manifest)
     log(f"wrote {out} in {manifest.export_seconds} s")
@@ -221,13 +210,13 @@ def _warn_few_faces(with_faces: int, images: int, log) -> None:
             "photographs with faces like the ones the model will see")
 
 
-def _parity(bundle_dir: Path, model, precision: str, runtime: str, not_runnable: str | None, log
+def _parity(bundle: Bundle, model, precision: str, runtime: str, not_runnable: str | None, log
             ) -> dict[str, Any]:
 
     if not_runnable:
         log(f"parity skipped: {not_runnable}")
         return {"status": "skipped", "reason": not_runnable}
-    candidate = Detector(model=bundle_dir, runtime=runtime, default_resize="original",
+    candidate = Detector(model=bundle, runtime=runtime, default_resize="original",
                          self_check=False)  # the full parity check follows
     try:  # closed on every path: a failed comparison must not keep the artifact's session open
         reference = Detector.for_model(model, resize=candidate.resize)
@@ -243,13 +232,13 @@ def _parity(bundle_dir: Path, model, precision: str, runtime: str, not_runnable:
     return {"status": "passed", "runtime": candidate.runtime.name, **report.to_dict()}
 
 
-def _evaluate(bundle_dir: Path, model, runtime: str, not_runnable: str | None, spec: dict[str, Any], progress: bool,
+def _evaluate(bundle: Bundle, model, runtime: str, not_runnable: str | None, spec: dict[str, Any], progress: bool,
               log):
 
     if not_runnable:
         return {"status": "skipped", "reason": not_runnable}
     gt = load_ground_truth(spec["gt"])
-    candidate = Detector(model=bundle_dir, runtime=runtime, self_check=False, **WIDER_SETTINGS)
+    candidate = Detector(model=bundle, runtime=runtime, self_check=False, **WIDER_SETTINGS)
     log(f"WIDER FACE evaluation of the artifact ({candidate.resize})")
     try:
         ours = evaluate_detector(candidate.detect_arrays, spec["images"], gt, limit=spec.get("limit"),

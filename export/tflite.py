@@ -47,9 +47,9 @@ import numpy as np
 from edgeface.export.base import DEFAULT_IMGSZ, Conversion, ExportRequest, TargetOption, TargetSpec
 from edgeface.runtimes.tflite import load_interpreter
 
-from edgeface.core.bundle import OUTPUTS
 from edgeface.core.errors import EdgefaceError, require
 from edgeface.core.images import ASTRONAUT, load_image
+from edgeface.core.manifest import OUTPUTS
 from edgeface.core.processing import ResizePolicy, dequantize, preprocess, quantize
 from edgeface.core.versions import library_versions
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from edgeface.runtimes.base import Runtime
 
-from edgeface.core.bundle import load_bundle
+from edgeface.core.bundle import Bundle, load_bundle
 from edgeface.core.errors import EdgefaceError
 from edgeface.core.processing import MAX_THREADS
 
@@ -98,16 +98,18 @@ def check_runs(runtime: str, bundle) -> None:
                             f"{', '.join(others) or 'none'}")
 
 
-def open_runtime(runtime: str | None = None, *, model: str | os.PathLike | None = None, **options: Any) -> Runtime:
-    """Open ``model`` (a bundle directory) with ``runtime`` (default: the one for the bundle's target); without
-    a bundle, the torch runtime on ``weights=...``."""
+def open_runtime(runtime: str | None = None, *, model: str | os.PathLike | Bundle | None = None,
+                 **options: Any) -> Runtime:
+    """Open ``model`` (a bundle directory, or a :class:`~edgeface.core.bundle.Bundle` already loaded) with
+    ``runtime`` (default: the one for the bundle's target); without a bundle, the torch runtime on
+    ``weights=...``."""
     threads = options.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or not 1 <= threads <= MAX_THREADS):
         raise EdgefaceError(f"threads {threads!r}: give a whole number 1-{MAX_THREADS}")
     if runtime is not None:  # an unknown name, device or option before the bundle is read
         check_options(runtime, options)
-    bundle = load_bundle(model) if model is not None else None
+    bundle = model if isinstance(model, Bundle) or model is None else load_bundle(model)
     if runtime is None:
         if bundle is None:
             runtime = "torch"

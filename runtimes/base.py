@@ -11,8 +11,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgeface.core.bundle import Bundle, Manifest
+from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError
+from edgeface.core.manifest import Manifest
 from edgeface.core.processing import ResizePolicy
 
 

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 from edgeface.runtimes.base import Runtime
 
-from edgeface.core.bundle import OUTPUTS, Bundle
+from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError, first_line, require
+from edgeface.core.manifest import OUTPUTS
 
 COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE",
                  # short forms

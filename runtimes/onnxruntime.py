@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 from edgeface.runtimes.base import Runtime
 
-from edgeface.core.bundle import OUTPUTS, Bundle
+from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError, first_line
+from edgeface.core.manifest import OUTPUTS
 
 # In order of preference when the caller does not choose.
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",

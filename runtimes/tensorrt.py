@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 from edgeface.runtimes.base import Runtime
 
-from edgeface.core.bundle import OUTPUTS, Bundle
+from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError, require
+from edgeface.core.manifest import OUTPUTS
 
 
 class TensorRTRuntime(Runtime):

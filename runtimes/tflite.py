@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 from edgeface.runtimes.base import Runtime
 
-from edgeface.core.bundle import OUTPUTS, Bundle
+from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError, first_line
+from edgeface.core.manifest import OUTPUTS
 from edgeface.core.processing import dequantize, quantize
 
 # Interpreter modules in order of preference: (module, distribution name for the version).
@@ -30,7 +31,7 @@ def interpreter_module() -> tuple[Any, str]:
             failures.append(f"{module}: {first_line(exc)}")
     raise EdgefaceError(
         "running TFLite bundles needs a TFLite interpreter (" + "; ".join(failures) + "); install one with "
-        "`pip install ai-edge-litert` (LiteRT; `edgeface[tflite]` brings it with the TFLite exporter and PyTorch), "
+        "`pip install edgeface[litert]` (the LiteRT interpreter alone, no PyTorch), "
         "or on a Raspberry Pi `pip install tflite-runtime` (which needs numpy<2)"
     )
 
@@ -72,7 +73,7 @@ class TFLiteRuntime(Runtime):
     devices = ("cpu",)  # XNNPACK on the CPU
     default_for = ("tflite",)
     options = ("threads", "xnnpack")
-    extra = "tflite"  # LiteRT; on a Raspberry Pi, tflite-runtime serves as well
+    extra = "litert"  # the LiteRT interpreter, without PyTorch; on a Raspberry Pi, tflite-runtime serves as well
     libraries = tuple(dist for _, dist in INTERPRETERS)
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None, xnnpack: bool = True) -> None:

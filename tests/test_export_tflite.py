@@ -203,7 +203,7 @@ def test_runtime_falls_back_to_tflite_runtime_module(bundles, monkeypatch):
                                                          ("ai_edge_litert.interpreter", "ai-edge-litert")))
     assert tflite_runtime.TFLiteRuntime.open(bundles("fp32")).describe()["library"] == "ai-edge-litert"
     monkeypatch.setattr(tflite_runtime, "INTERPRETERS", (("edgeface_no_such_module.interpreter", "x"),))
-    with pytest.raises(EdgefaceError, match=r"pip install ai-edge-litert.*pip install tflite-runtime"):
+    with pytest.raises(EdgefaceError, match=r"pip install edgeface\[litert\].*pip install tflite-runtime"):
         tflite_runtime.TFLiteRuntime.open(bundles("fp32"))
 
 

