@@ -1,16 +1,16 @@
 """Board profiles: data (``boards/*.toml``, shipped as package data ``edgeface.boards``) that set the defaults of
-export, run and bench for one device: target, runtime, precision, input size, threads."""
+export, run and bench for one device: target, runtime, precision, input size, threads, target options."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import tomllib
-from edgeface.export import get_spec, resolve_precision, resolve_target, targets_taking
+from edgeface.export import check_options, get_spec, resolve_precision, resolve_target
 from edgeface.runtimes import get_runtime_class, runtimes_for
 
 from edgeface.core.errors import EdgefaceError
@@ -30,7 +30,9 @@ class Board:
     notes: str
     imgsz: tuple[int, int] | None = None  # None with dynamic = true
     dynamic: bool = False
-    opset: int | None = None  # the newest ONNX opset the board's TensorRT parses, where it is older
+    # The target's options (its spec's ``options``, by name; a TOML table: ``options = { opset = 13 }``), checked
+    # as an export checks them and given to `edgeface export --board` as defaults of its flags / export options.
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -54,9 +56,9 @@ def _parse(name: str, data: dict[str, Any]) -> Board:
             get_runtime_class(board.runtime)  # an unknown name first
             raise EdgefaceError(f"runtime {board.runtime!r} does not run {target} bundles (runtimes that do: "
                                 f"{', '.join(runtimes_for(target))})")
-        if board.opset is not None and not get_spec(target).option("opset"):
-            raise EdgefaceError(f"opset is not an option of the {target} target (targets that take it: "
-                                f"{', '.join(targets_taking('opset'))})")
+        if not isinstance(board.options, dict):
+            raise EdgefaceError(f"options {board.options!r}: give a table of the {target} target's options")
+        check_options(target, board.options)
         if board.dynamic and not get_spec(target).dynamic:
             raise EdgefaceError(f"dynamic = true is not available for {target}: {get_spec(target).static_only}")
     except EdgefaceError as exc:

@@ -1,7 +1,8 @@
 """edgeface: RetinaFace from one PyTorch definition to every edge target.
 
-The public API. It imports no PyTorch: a device that only runs exported bundles installs edgeface without it
-(``edgeface.models`` and ``edgeface.export`` need the ``export`` extra).
+The public API. It imports no PyTorch: a device that only runs exported bundles installs edgeface without it.
+The target registry (``edgeface.export``, the targets' specs) imports on such a device install too;
+``edgeface.models``, ``edgeface.export.pipeline`` and the converters need the ``export`` extra (PyTorch).
 """
 
 from edgeface.core.errors import EdgefaceError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -16,7 +17,7 @@ from edgeface.benchmarks.bench import bench, device_info, parse_sizes, report
 from edgeface.benchmarks.plots import plot_merged, plot_report
 from edgeface.benchmarks.report import header, load_report, rows, to_markdown, write_tables
 from edgeface.boards.profiles import get_board, list_boards
-from edgeface.core.errors import EdgefaceError, first_line, require_torch
+from edgeface.core.errors import TORCH_EXTRA, EdgefaceError, first_line, require_torch
 from edgeface.core.files import atomic_write, captured_output
 from edgeface.core.images import IMAGE_SUFFIXES, draw_faces, list_images, load_image, output_names
 from edgeface.core.parity import LOOSE_THRESHOLD, compare
@@ -29,15 +30,31 @@ from edgeface.export.base import DEFAULT_IMGSZ
 from edgeface.export.tensorrt import build_engine  # reads no converter library: runs on a device install
 from edgeface.inference import stream
 from edgeface.inference.detector import Detector
-from edgeface.runtimes import list_runtimes, runtimes_taking
+from edgeface.runtimes import get_runtime_class, list_runtimes, runtimes_taking
 
 # bench times each image size as given (VGA, HD, 4K), not scaled down, on one thread unless told otherwise.
 BENCH_RESIZE = "original"
 BENCH_THREADS = 1
-# Optional libraries (by import name) and the extra that installs each; a device install (`pip install edgeface`)
-# has none of them.
-OPTIONAL_EXTRAS = {"torch": "export", "onnx": "export", "onnxsim": "export", "onnxconverter_common": "export",
-                   "scipy": "eval", "litert_torch": "tflite", "coremltools": "coreml", "matplotlib": "bench"}
+# Optional libraries no target or runtime declares (by import name), and the extra that installs each.
+OTHER_EXTRAS = {"scipy": "eval", "matplotlib": "bench"}
+
+
+@functools.cache
+def optional_extras() -> dict[str, str]:
+    """Optional library (by import name) -> the extra that installs it, for the one-line error of :func:`main` when
+    one is missing: what each runtime and target declares (``libraries``, distribution names, and ``extra``), plus
+    :data:`OTHER_EXTRAS`. A runtime's extra comes first (the smaller install: ``litert`` before ``tflite``); PyTorch
+    is always the ``TORCH_EXTRA``; a runtime without an extra is the base install, whose libraries are no one's.
+    Reading the registries imports no PyTorch and no converter."""
+    classes = [get_runtime_class(name) for name in list_runtimes()]
+    base = {lib for cls in classes if cls.extra is None for lib in cls.libraries}
+    declared = [(cls.libraries, cls.extra) for cls in classes] + [(spec.libraries, spec.extra) for spec in specs()]
+    extras = {"torch": TORCH_EXTRA, **OTHER_EXTRAS}
+    for libraries, extra in declared:
+        for dist in libraries:
+            if extra is not None and dist not in base:
+                extras.setdefault(dist.lower().replace("-", "_"), extra)  # ai-edge-litert imports as ai_edge_litert
+    return extras
 
 
 def _weights_options(group) -> None:
@@ -314,7 +331,7 @@ def cmd_eval_widerface(args: argparse.Namespace) -> int:
             raise EdgefaceError("give --images DIR to run the detector, or --preds DIR to score prediction files")
         detector = _detector(args, **WIDER_SETTINGS)
         result = evaluate_detector(detector.detect_arrays, args.images, gt, limit=args.limit,
-                                   save_dir=args.save_preds)
+                                   save_dir=args.save_preds, progress=sys.stderr.isatty())
         what = f"{detector.name} [{detector.runtime.source}], resize {detector.resize}"
     record = {"evaluated": what, **result.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
     if args.json:
@@ -336,7 +353,7 @@ def _imgsz(text: str) -> list[tuple[int, int]]:
         if h <= 0 or w <= 0 or h % 32 or w % 32:
             raise argparse.ArgumentTypeError(
                 f"{item!r}: give HxW with multiples of 32, e.g. 640x640 (or one number; several, comma-separated, "
-                "for Core ML enumerated sizes)")
+                f"for {'/'.join(get_spec(t).title for t in targets_taking('enumerated_sizes'))} enumerated sizes)")
         sizes.append((h, w))
     return sizes
 
@@ -352,17 +369,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not images or not gt:
             raise EdgefaceError("--eval needs WIDER FACE data: --images DIR --gt DIR (found no ../shared)")
         evaluate = {"images": images, "gt": gt, "limit": args.limit}
+    board_options = {}
     if args.board:
         _apply_board(args, target=args.board.target, precision=args.board.precision,
                      imgsz=[args.board.imgsz] if args.board.imgsz else None,
                      dynamic=args.board.dynamic and not args.imgsz)
-        if get_spec(args.target).option("opset"):  # the board's opset, for a target that takes one
-            _apply_board(args, opset=args.board.opset)
+        # the board's target options, under the command line's: one with a flag (--opset, --int8-io) fills in that
+        # flag, the others join the options given. Another --target than the board's takes only the flags it has
+        # too (the board's opset for onnx): an option without a flag may mean something else there (keep_float)
+        spec, own = get_spec(args.target), resolve_target(args.target) == resolve_target(args.board.target)
+        board_options = {name: value for name, value in args.board.options.items()
+                         if spec.option(name) and (own or spec.option(name).flag)}
+        flagged = [name for name in board_options if spec.option(name).flag and hasattr(args, name)]
+        _apply_board(args, **{name: board_options.pop(name) for name in flagged})
     if not args.target:
         raise EdgefaceError(f"give --target ({', '.join([*list_targets(), *aliases()][:5])}, ...) or --board NAME")
     slope = {"relu": 0.0, "leaky": 0.1, None: None}[args.activation]
     # the targets' own flags that were given (the export refuses one the target does not take)
-    options = {name: value for name, value in vars(args).items() if name in _TARGET_FLAGS and value is not None}
+    options = {**board_options, **{name: value for name, value in vars(args).items()
+                                   if name in _TARGET_FLAGS and value is not None}}
     sizes = args.imgsz or [None]
     if len(sizes) > 1:
         takers = targets_taking("enumerated_sizes")
@@ -839,7 +864,7 @@ def main(argv: list[str] | None = None, *, program: bool | None = None) -> int:
         print(f"edgeface: error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:  # an optional library imported on a path no require() guards: one line too
-        extra = OPTIONAL_EXTRAS.get((exc.name or "").partition(".")[0])
+        extra = optional_extras().get((exc.name or "").partition(".")[0])
         if extra is None:
             raise
         print(f"edgeface: error: the {args.command} command needs {exc.name}, which is not installed here; install "

@@ -15,10 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 
 from edgeface.core.errors import EdgefaceError, first_line
 from edgeface.core.files import captured_output
+from edgeface.core.images import ASTRONAUT, list_images, load_image
+from edgeface.evaluation.accuracy import default_image_dir, spread
 
 # Real photographs the export's parity check (and Core ML's program check) runs on.
 PARITY_IMAGES = 8
@@ -213,3 +216,19 @@ def _with_log(exc: Exception, what: str, log) -> EdgefaceError:
         return EdgefaceError(f"{exc}{where}")
     detail = f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
     return EdgefaceError(f"the {what} failed ({detail}){where}")
+
+
+def parity_images() -> list[np.ndarray]:
+    """Real photographs with faces for the export's parity check, never the user's calibration folder (a parity
+    check on the calibration images would pass a model calibrated on images without faces): the bundled photograph
+    and WIDER FACE val images when ../shared is present, else the photograph mirrored, halved and tiled 2x2 (four
+    faces), so the check always sees several faces at several sizes."""
+    photo = load_image(ASTRONAUT)
+    images = [photo]
+    shared = default_image_dir()
+    if shared:
+        images += [load_image(p) for p in spread(list_images(shared), PARITY_IMAGES - 1)]
+    else:
+        half = cv2.resize(photo, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        images += [cv2.flip(photo, 1), half, np.vstack([np.hstack([half, half[:, ::-1]])] * 2)]
+    return images

@@ -22,16 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from edgeface.export.base import DEFAULT_IMGSZ, PARITY_IMAGES, Conversion, ExportRequest, TargetOption, TargetSpec
+from edgeface.export.base import DEFAULT_IMGSZ, Conversion, ExportRequest, TargetOption, TargetSpec, parity_images
 from edgeface.export.coreml_mil import MILProgramRuntime, UnsupportedOp, load_program, single_thread
 
 from edgeface.core.errors import EdgefaceError, require
-from edgeface.core.images import ASTRONAUT, list_images, load_image
 from edgeface.core.manifest import OUTPUT_MEANINGS, OUTPUTS, manifest_for_model
 from edgeface.core.parity import compare
 from edgeface.core.processing import ResizePolicy
 from edgeface.core.versions import library_versions
-from edgeface.evaluation.accuracy import default_image_dir, spread
 from edgeface.inference.detector import Detector
 
 if TYPE_CHECKING:
@@ -44,7 +42,6 @@ OUTPUT_WIDTH = {"loc": 4, "conf": 2, "landmarks": 10}
 DEFAULT_DEPLOYMENT_TARGET = "iOS16"  # ML Programs with FP16 I/O types and per-channel INT8 weights
 INT8_WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller tensors (depthwise, heads of small models) stay FP16
 EXPORT_TOLERANCE = 1e-4  # ExportedProgram vs eager PyTorch (same ops: differences are export errors)
-REFERENCE_IMAGES = 8  # real images for the check of the interpreted MIL program (as many as the pipeline's parity)
 COMPUTE_PRECISION = {"fp16": "fp16", "fp32": "fp32", "int8": "fp16"}
 WEIGHTS = {"fp16": "fp16", "fp32": "fp32",
            "int8": f"int8 per-channel (tensors > {INT8_WEIGHT_THRESHOLD} elements, not the heads), fp16 others"}
@@ -349,16 +346,6 @@ def check_package(path: Path, *, kind: str, sizes: list[tuple[int, int]], precis
 # --- numerical check of the converted program, on any platform ----------------------------------------------------
 
 
-def _reference_images() -> list[np.ndarray]:
-    """The astronaut plus WIDER FACE images when the shared data is present (as the pipeline's parity set)."""
-
-    paths = [ASTRONAUT]
-    folder = default_image_dir()
-    if folder:
-        paths += spread(list_images(folder), min(PARITY_IMAGES, REFERENCE_IMAGES) - 1)
-    return [load_image(p) for p in paths]
-
-
 def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[tuple[int, int]]) -> dict[str, Any]:
     """The package's MIL program, interpreted, fed what the shared pre-processing makes for the bundle's manifest,
     against PyTorch fed the standard (mean-subtracted) input, both through :meth:`Detector.infer_arrays`: detection
@@ -374,7 +361,7 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
     candidate = Detector(runtime=runtime)
     with single_thread():  # PyTorch too: both run one image at a time
         reference = Detector.for_model(model, resize=candidate.resize)
-        report = compare(reference, candidate, _reference_images()).check(precision)
+        report = compare(reference, candidate, parity_images()).check(precision)
     result: dict[str, Any] = {
         "status": "passed" if report.passed else "failed",
         "what": "the package's MIL program interpreted op by op with NumPy/PyTorch (FP16 tensors rounded to FP16 "
@@ -398,9 +385,8 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
     result["output_shapes"] = shapes
     result["max_abs_diff_random_pixels"] = diffs
     if not report.passed:
-        raise EdgefaceError(f"the converted Core ML program (interpreted) does not reproduce PyTorch within the "
-                            f"{precision} tolerance ({report.summary()}; tolerance {report.tolerance}); nothing was "
-                            "written. Use --no-verify to keep it anyway")
+        raise report.failure("the converted Core ML program (interpreted)", "PyTorch",
+                             "nothing was written. Use --no-verify to keep it anyway")
     return result
 
 

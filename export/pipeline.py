@@ -13,7 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 from edgeface.export import check_options, get_converter, get_spec, resolve_precision, resolve_target
-from edgeface.export.base import DEFAULT_IMGSZ, PARITY_IMAGES, ExportRequest
+from edgeface.export.base import DEFAULT_IMGSZ, ExportRequest, parity_images
 
 from edgeface.core.bundle import Bundle, check_output_folder, load_bundle, staged_bundle, staging_dir, write_manifest
 from edgeface.core.errors import EdgefaceError, first_line
@@ -26,6 +26,7 @@ from edgeface.evaluation.widerface import load_ground_truth
 from edgeface.inference.detector import Detector
 from edgeface.models import canonical_name, get_model
 
+NOT_WRITTEN = "nothing was written. Use --no-verify to keep it anyway"
 DYNAMIC_CALIBRATION_HW = (640, 640)  # onnxruntime histogram calibration holds every activation: keep it small
 # A calibration set where fewer images than this share hold a face the FP32 model finds is warned about.
 CALIBRATION_FACE_SHARE = 0.5
@@ -184,22 +185,6 @@ def _write_parity_reference(bundle_dir: Path, model, policy: ResizePolicy) -> No
         {"resize": str(policy), "score_threshold": LOOSE_THRESHOLD, "nms_iou": 0.4, "images": records}, indent=1))
 
 
-def parity_images() -> list[np.ndarray]:
-    """Real photographs with faces for the export's parity check, never the user's calibration folder (a parity
-    check on the calibration images would pass a model calibrated on images without faces): the bundled photograph
-    and WIDER FACE val images when ../shared is present, else the photograph mirrored, halved and tiled 2x2 (four
-    faces), so the check always sees several faces at several sizes."""
-    photo = load_image(ASTRONAUT)
-    images = [photo]
-    shared = default_image_dir()
-    if shared:
-        images += [load_image(p) for p in spread(list_images(shared), PARITY_IMAGES - 1)]
-    else:
-        half = cv2.resize(photo, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
-        images += [cv2.flip(photo, 1), half, np.vstack([np.hstack([half, half[:, ::-1]])] * 2)]
-    return images
-
-
 def _warn_few_faces(with_faces: int, images: int, log) -> None:
     """Warns when few calibration images hold a face the FP32 model finds: INT8 ranges taken on images without
     faces lose them (measured: 8 black images gave an INT8 model that matched 69% of faces)."""
@@ -225,11 +210,8 @@ def _parity(bundle: Bundle, model, precision: str, runtime: str, not_runnable: s
         candidate.close()
     log(f"parity: {report.summary()}")
     if not report.passed:
-        raise EdgefaceError(
-            f"the {precision} artifact does not reproduce PyTorch within tolerance ({report.summary()}; tolerance "
-            f"{report.tolerance}); nothing was written. Use --no-verify to keep it anyway"
-        )
-    return {"status": "passed", "runtime": candidate.runtime.name, **report.to_dict()}
+        raise report.failure(f"the {precision} artifact", "PyTorch", NOT_WRITTEN)
+    return report.record(runtime=candidate.runtime.name)
 
 
 def _evaluate(bundle: Bundle, model, runtime: str, not_runnable: str | None, spec: dict[str, Any], progress: bool,

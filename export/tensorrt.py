@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from edgeface.export import onnx as onnx_export
 from edgeface.export.base import Conversion, ExportRequest, TargetSpec
 
-from edgeface.core.bundle import load_bundle, update_bundle, write_manifest
+from edgeface.core.bundle import Bundle, load_bundle, staged_bundle, update_bundle, write_manifest
 from edgeface.core.errors import EdgefaceError, require
 from edgeface.core.files import atomic_write
 from edgeface.core.parity import compare_to_reference
@@ -50,7 +50,10 @@ SPEC = TargetSpec(
     aliases=("jetson",),
     precisions=("fp16", "fp32", "int8"),
     calibrated=("int8",),
-    options=(onnx_export.OPSET, *onnx_export.INT8_OPTIONS),
+    # TensorRT 8.5/8.6 (JetPack 5) parse ONNX up to opset 17: a newer one is refused before any work
+    options=(dataclasses.replace(onnx_export.OPSET, choices=range(13, MAX_OPSET + 1),
+                                 help=f"ONNX opset, 13-{MAX_OPSET} (TensorRT 8.5/8.6 parse up to {MAX_OPSET}; default 17)"),
+             *onnx_export.INT8_OPTIONS),
     extra="onnx",  # the bundle is an ONNX; TensorRT itself (the tensorrt extra, or JetPack) builds it on the device
     runtime="tensorrt",
     verify_runtime="onnxruntime",  # the bundle's ONNX, checked here; the engine is checked by build-engine
@@ -152,14 +155,15 @@ def build_engine(bundle_dir: str | Path, *, workspace_mb: int | None = None, ver
 
 
 def install_engine(bundle_dir: str | Path, build: Callable[[Any], Engine], *,
-                   check: Callable[[Path, Any], dict[str, Any]] | None = None,
+                   check: Callable[[Bundle], dict[str, Any]] | None = None,
                    log: Callable[[str], None] = lambda m: None) -> Path:
     """Add an engine to a tensorrt bundle the way an export publishes a bundle: ``build(staged)`` makes the engine
     from a staged copy of the bundle (a :class:`~edgeface.core.bundle.Bundle`, checked on load); the engine and timing
-    cache are written there (each file whole or not at all), the manifest lists them, ``check(staged_dir,
-    manifest)`` (when given) returns the engine's parity report or raises, and only then does the copy replace the
-    bundle, by renames under the folder lock. Any failure before that, or a kill, leaves the bundle untouched and
-    no engine file anywhere (the staging folder is removed, or by the next run if the process was killed).
+    cache are written there (each file whole or not at all), the manifest lists them, ``check(staged)`` (when
+    given; the staged bundle with its new manifest, in memory) returns the engine's parity report or raises, and
+    only then does the copy replace the bundle, by renames under the folder lock. Any failure before that, or a
+    kill, leaves the bundle untouched and no engine file anywhere (the staging folder is removed, or by the next
+    run if the process was killed).
 
     Returns the engine's path in the published bundle."""
 
@@ -174,10 +178,9 @@ def install_engine(bundle_dir: str | Path, build: Callable[[Any], Engine], *,
             atomic_write(staged.path / TIMING_CACHE, lambda tmp: tmp.write_bytes(engine.timing_cache))
         manifest.files["engine"] = ENGINE_FILE
         manifest.target_info["engine"] = dict(engine.info)
+        if check is not None:  # on the staged bundle as a load reads it; the manifest is written once, last
+            manifest.target_info["engine"]["parity"] = check(staged_bundle(staged.path, manifest))
         write_manifest(staged.path, manifest)
-        if check is not None:
-            manifest.target_info["engine"]["parity"] = check(staged.path, manifest)
-            write_manifest(staged.path, manifest)
     published = Path(bundle_dir) / ENGINE_FILE
     log(f"wrote {published}")
     return published
@@ -218,22 +221,20 @@ def _build(trt, bundle, workspace_mb: int | None, log) -> Engine:
                         "device": _gpu_name()})
 
 
-def engine_parity(bundle_dir: Path, manifest) -> dict[str, Any]:
-    """The engine in ``bundle_dir`` on the bundle's parity photograph against its recorded FP32 PyTorch faces
+def engine_parity(bundle: Bundle) -> dict[str, Any]:
+    """The engine of ``bundle`` on the bundle's parity photograph against its recorded FP32 PyTorch faces
     (``parity/reference.json``); raises EdgefaceError when it does not reproduce them."""
-
-    if not (bundle_dir / "parity" / "reference.json").is_file():
+    if not (bundle.path / "parity" / "reference.json").is_file():
         return {"status": "skipped", "reason": "the bundle has no parity/reference.json"}
-    detector = Detector(model=bundle_dir, runtime="tensorrt", self_check=False)
+    detector = Detector(model=bundle, runtime="tensorrt", self_check=False)
     try:
-        report = compare_to_reference(detector, bundle_dir)
+        report = compare_to_reference(detector, bundle.path)
     finally:
         detector.close()
-    report.check(manifest.precision)
+    report.check(bundle.manifest.precision)
     if not report.passed:
-        raise EdgefaceError(f"the engine does not reproduce the bundle's reference detections ({report.summary()}); "
-                            "the bundle was left as it was")
-    return {"status": "passed", **report.to_dict()}
+        raise report.failure("the engine", "the bundle's reference detections", "the bundle was left as it was")
+    return report.record()
 
 
 def _gpu_name() -> str | None:

@@ -23,12 +23,11 @@ class Runtime(ABC):
     library in :meth:`open` (``require``), so the registry reads every declaration without loading any backend.
 
     Threads: one runtime (and the :class:`~edgeface.inference.detector.Detector` holding it) may be shared by any
-    number of
-    threads; :meth:`infer` is safe to call from all of them at once. Backends whose inference state is not
-    reentrant (``concurrent = False``: tflite's interpreter, TensorRT's execution context, Core ML's model) run
+    number of threads; :meth:`infer` is safe to call from all of them at once. Backends whose inference state is
+    not reentrant (``concurrent = False``: tflite's interpreter, TensorRT's execution context, Core ML's model) run
     one call at a time under :attr:`lock` and the others wait; ``concurrent = True`` backends (onnxruntime's
-    session, torch in inference mode) run the calls in parallel. For parallel throughput on a serialising
-    backend, open one runtime per thread.
+    session, torch in inference mode) run the calls in parallel. For parallel throughput on a serialising backend,
+    open one runtime per thread.
     """
 
     name: ClassVar[str]

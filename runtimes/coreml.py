@@ -68,14 +68,14 @@ class CoreMLRuntime(Runtime):
         super().check_device(None if device is None else str(device).lower())
 
     def __init__(self, bundle: Bundle, *, compute_units: Any = None, device: str | None = None) -> None:
-        ct = require("coremltools", "coreml", "Running Core ML bundles")
+        ct = require("coremltools", self.extra, "Running Core ML bundles")
         super().__init__(bundle.manifest, source=str(bundle.path))
         self._ct = ct
         self.compute_units = _compute_units(ct, compute_units, device)
         self.image_input = self.manifest.target_info.get("input_type", "tensor") == "image"
         self.input_name = self.manifest.input.name
         if self.image_input:
-            require("PIL.Image", "coreml", "Feeding images to a Core ML model")
+            require("PIL.Image", self.extra, "Feeding images to a Core ML model")
         try:
             self.model = ct.models.MLModel(str(bundle.file()), compute_units=self.compute_units)
         except Exception as exc:  # coremltools raises plain Exceptions (compile / load failures)

@@ -10,7 +10,7 @@ import numpy as np
 from edgeface.runtimes.base import Runtime
 
 from edgeface.core.bundle import Bundle
-from edgeface.core.errors import EdgefaceError, require
+from edgeface.core.errors import TORCH_EXTRA, EdgefaceError, require
 from edgeface.core.manifest import OUTPUTS
 
 
@@ -30,8 +30,8 @@ class TensorRTRuntime(Runtime):
 
     def __init__(self, bundle: Bundle) -> None:
         super().__init__(bundle.manifest, source=str(bundle.path))
-        trt = require("tensorrt", "tensorrt", "The tensorrt runtime")
-        torch = require("torch", "tensorrt", "The tensorrt runtime (CUDA buffers)")
+        trt = require("tensorrt", self.extra, "The tensorrt runtime")
+        torch = require("torch", TORCH_EXTRA, "The tensorrt runtime (CUDA buffers; JetPack's PyTorch on a Jetson)")
         if not torch.cuda.is_available():
             raise EdgefaceError("the tensorrt runtime needs an NVIDIA GPU visible to PyTorch (torch.cuda)")
         if "engine" not in bundle.manifest.files:

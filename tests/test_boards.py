@@ -13,7 +13,8 @@ def test_every_profile_loads_and_is_valid():
     boards = {b.name: b for b in list_boards()}
     assert set(boards) == {"jetson-orin-nano", "jetson-nano", "raspberry-pi-4", "raspberry-pi-5", "android-arm64",
                            "iphone", "x86-avx2-laptop", "x86-nvidia-server"}
-    assert boards["jetson-nano"].target == "tensorrt" and boards["jetson-nano"].opset == 13
+    assert boards["jetson-nano"].target == "tensorrt" and boards["jetson-nano"].options == {"opset": 13}
+    assert all(b.options == {} for b in boards.values() if b.name != "jetson-nano")
     assert boards["raspberry-pi-4"].runtime == "tflite" and boards["raspberry-pi-4"].imgsz == (320, 320)
     assert boards["x86-nvidia-server"].dynamic and boards["x86-nvidia-server"].imgsz is None
     assert all(b.notes and b.arch for b in boards.values())
@@ -31,7 +32,13 @@ def test_unknown_board_suggests_the_nearest():
     ({"imgsz": None, "dynamic": False}, "imgsz or dynamic"),
     # what the target's and the runtime's declarations allow
     ({"runtime": "coreml"}, "runtime 'coreml' does not run tflite bundles"),
-    ({"opset": 17}, r"opset is not an option of the tflite target \(targets that take it: onnx, tensorrt\)"),
+    ({"opset": 17}, "unknown keys"),  # a target option goes in the options table
+    ({"options": {"opset": 17}},
+     r"board profile bad.toml: --opset is not an option of the tflite target \(targets that take it: onnx, tensorrt\)"),
+    ({"target": "tensorrt", "runtime": "tensorrt", "options": {"opset": 99}},
+     r"--opset 99 is not supported: give 13-17 \(default 17\)"),
+    ({"options": {"int8_iox": True}}, r"unknown TFLite options \['int8_iox'\]; did you mean 'int8_io'\?"),
+    ({"options": 13}, "options 13: give a table of the tflite target's options"),
     ({"imgsz": None, "dynamic": True}, "dynamic = true is not available for tflite"),
 ])
 def test_bad_profiles_are_refused(change, message):
@@ -39,6 +46,32 @@ def test_bad_profiles_are_refused(change, message):
     data = {k: v for k, v in data.items() if v is not None}
     with pytest.raises(EdgefaceError, match=message):
         _parse("bad.toml", data)
+
+
+def test_board_options_are_export_defaults(monkeypatch, tmp_path):
+    """A board's target options reach the export as its --opset / flags would, under the command line's, and only
+    for a target that takes them."""
+    import edgeface.cli as cli
+    import edgeface.export.pipeline as pipeline
+
+    seen = []
+
+    def record(target, **kwargs):
+        seen.append((target, kwargs["opset"], kwargs["options"]))
+        raise EdgefaceError("recorded")
+
+    monkeypatch.setattr(pipeline, "export_bundle", record)
+    pi = get_board("raspberry-pi-5")
+    board = _parse("pi.toml", {**pi.to_dict(), "options": {"int8_io": True, "keep_float": ["body.stage1"]}})
+    monkeypatch.setattr(cli, "get_board", lambda name: {"pi": board}.get(name) or get_board(name))
+    for argv in (["--board", "pi"], ["--board", "pi", "--target", "onnx"], ["--board", "jetson-nano"],
+                 ["--board", "jetson-nano", "--opset", "14"], ["--board", "jetson-nano", "--target", "x86"],
+                 ["--board", "jetson-nano", "--target", "tflite"]):
+        assert main(["export", *argv, "--out", str(tmp_path / "b")]) == 2
+    # onnx declares a keep_float of its own (node names, not module paths): the board's is tflite's only
+    assert seen == [("tflite", None, {"int8_io": True, "keep_float": ["body.stage1"]}), ("onnx", None, {}),
+                    ("tensorrt", 13, {}), ("tensorrt", 14, {}), ("x86", 13, {}), ("tflite", None, {})]
+    assert board.options == {"int8_io": True, "keep_float": ["body.stage1"]}  # the profile itself is left as it was
 
 
 def test_boards_command_lists_them(capsys):

@@ -61,8 +61,9 @@ def test_eval_scores_prediction_folders(reference_dir, wider_gt):
 
 
 def test_eval_runs_detector_and_writes_wider_predictions(wider_images, wider_gt, final_retinaface, tmp_path):
-    run("eval", "widerface", "--images", wider_images, "--gt", wider_gt, "--limit", 6,
+    proc = run("eval", "widerface", "--images", wider_images, "--gt", wider_gt, "--limit", 6,
                "--weights", final_retinaface, "--save-preds", tmp_path / "preds", "--json", tmp_path / "r.json")
+    assert "WIDER FACE:" not in proc.stderr  # no progress bar when stderr is not a terminal
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["num_images"] == 6 and set(result["ap"]) == {"easy", "medium", "hard"}
     files = sorted((tmp_path / "preds").rglob("*.txt"))

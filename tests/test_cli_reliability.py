@@ -223,7 +223,7 @@ def test_main_called_from_python_leaves_file_descriptors_alone(noisy_folder, mon
 
 
 def test_a_failure_is_reported_on_its_first_line(capsys):
-    """One line per bad file, the same helper as the runtimes' (edgeface.runtimes.base.first_line)."""
+    """One line per bad file, the same helper as the runtimes' (edgeface.core.errors.first_line)."""
     from edgeface.cli import _report_failure
     from edgeface.core.errors import EdgefaceError
 
@@ -234,6 +234,35 @@ def test_a_failure_is_reported_on_its_first_line(capsys):
     assert json.loads(out) == {"image": "x.jpg", "error": "x.jpg could not be decoded"}
     _report_failure("y.jpg", EdgefaceError("not an image"), False, key="image")
     assert capsys.readouterr() == ("", "edgeface: error: y.jpg: not an image\n")
+
+
+@pytest.mark.parametrize("module, extra", [
+    ("torch", "export"), ("onnxsim", "onnx"), ("litert_torch", "tflite"), ("ai_edge_litert.interpreter", "litert"),
+    ("coremltools", "coreml"), ("tensorrt", "tensorrt"), ("scipy.io", "eval"), ("matplotlib.pyplot", "bench"),
+])
+def test_a_missing_optional_library_names_its_extra(module, extra, monkeypatch, capsys):
+    """An optional library imported where no require() guards it: one line naming the extra, which the registries
+    (each target's and runtime's libraries and extra) give."""
+    import edgeface.cli as cli
+
+    def missing(args):
+        raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+    monkeypatch.setattr(cli, "cmd_boards", missing)
+    assert main(["boards"]) == 2
+    assert capsys.readouterr().err == (f"edgeface: error: the boards command needs {module}, which is not installed "
+                                       f"here; install it with `pip install edgeface[{extra}]`\n")
+
+
+def test_a_missing_base_or_unknown_library_is_not_given_an_extra(monkeypatch):
+    """onnxruntime is in the base install (its runtime declares no extra): no extra installs it, nor a library no
+    registry declares; their errors stay as they are."""
+    import edgeface.cli as cli
+
+    assert "onnxruntime" not in cli.optional_extras() and "edgeface" not in cli.optional_extras()
+    monkeypatch.setattr(cli, "cmd_boards", lambda args: __import__("no_such_module_here"))
+    with pytest.raises(ModuleNotFoundError):
+        main(["boards"])
 
 
 def _resize_help(command: list[str]) -> tuple[str, str]:

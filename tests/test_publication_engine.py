@@ -51,7 +51,7 @@ def _no_engine_anywhere(root):
 
 
 def test_the_engine_is_published_with_the_manifest_listing_it(trt_bundle):
-    path = install_engine(trt_bundle, _fake_build, check=lambda folder, manifest: {"status": "passed"})
+    path = install_engine(trt_bundle, _fake_build, check=lambda staged: {"status": "passed"})
     assert path == trt_bundle / ENGINE_FILE and path.read_bytes() == b"ENGINE" * 100
     bundle = load_bundle(trt_bundle)  # every hash checked, engine keys valid against the schema
     assert bundle.manifest.files["engine"] == ENGINE_FILE
@@ -81,8 +81,9 @@ def test_a_failure_leaves_the_bundle_untouched_and_no_engine(trt_bundle, stage):
             raise EdgefaceError("out of memory while serialising")
         return _fake_build(staged)
 
-    def check(folder, manifest):
-        assert (folder / ENGINE_FILE).is_file()  # checked in the staged copy, before publication
+    def check(staged):
+        assert (staged.path / ENGINE_FILE).is_file()  # checked in the staged copy, before publication
+        assert staged.manifest.files["engine"] == ENGINE_FILE
         raise EdgefaceError("the engine does not reproduce the bundle's reference detections")
 
     with pytest.raises(EdgefaceError):

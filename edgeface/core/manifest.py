@@ -114,8 +114,21 @@ def standard_decode(config: dict[str, Any]) -> dict[str, Any]:
 
 # A manifest is a few KB; anything far larger is not one (and would cost memory to parse).
 MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB
-# What each target's model file is; a manifest naming another kind of file is refused.
-MODEL_SUFFIX = {"onnx": ".onnx", "tensorrt": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage"}
+# The files of each target's bundle by role (``files`` in the manifest), with the suffix each must have: "model" is
+# required, the others optional (a tensorrt engine is added on the device by `edgeface build-engine`). A manifest
+# naming another kind of file, or a role its target does not have, is refused.
+BUNDLE_FILES = {
+    "onnx": {"model": ".onnx"},
+    "tensorrt": {"model": ".onnx", "engine": ".engine"},
+    "tflite": {"model": ".tflite"},
+    "coreml": {"model": ".mlpackage"},
+    "openvino": {"model": ".xml", "weights": ".bin"},  # OpenVINO IR
+    "ncnn": {"model": ".param", "weights": ".bin"},
+    "executorch": {"model": ".pte"},
+    "qnn": {"model": ".onnx", "context": ".onnx"},  # QDQ ONNX; the ahead-of-time QNN context binary (EPContext)
+    "rknn": {"model": ".rknn"},
+}
+MODEL_SUFFIX = {target: files["model"] for target, files in BUNDLE_FILES.items()}
 # Optional part of a bundle: may be removed without making the bundle refuse to load.
 OPTIONAL_PREFIX = "parity/"
 # Element types that carry an affine quantisation (scale, zero_point), with the range of their values; float
@@ -348,15 +361,14 @@ def _decode_problem(m: dict[str, Any]) -> str | None:
 
 
 def _files_problem(m: dict[str, Any]) -> str | None:
-    model = m["files"]["model"]
-    if not model.endswith(MODEL_SUFFIX[m["target"]]) or model.startswith(OPTIONAL_PREFIX):
-        return (f"field files.model {model!r} is not the model file of a {m['target']} bundle "
-                f"(*{MODEL_SUFFIX[m['target']]})")
-    engine = m["files"].get("engine")
-    if engine is not None and (m["target"] != "tensorrt" or not engine.endswith(".engine")
-                               or engine.startswith(OPTIONAL_PREFIX)):
-        return (f"field files.engine {engine!r}: only a tensorrt bundle has an engine file (*.engine, written by "
-                "`edgeface build-engine BUNDLE`)")
+    roles = BUNDLE_FILES[m["target"]]
+    for role, relative in m["files"].items():
+        suffix = roles.get(role)
+        if suffix is None:
+            owners = sorted(t for t, files in BUNDLE_FILES.items() if role in files)
+            return f"field files.{role}: a {m['target']} bundle has no {role} file (only {', '.join(owners)} bundles)"
+        if not relative.endswith(suffix) or relative.startswith(OPTIONAL_PREFIX):
+            return f"field files.{role} {relative!r} is not the {role} file of a {m['target']} bundle (*{suffix})"
     return None
 
 

@@ -44,10 +44,22 @@ class ParityReport:
         return asdict(self)
 
     def check(self, precision: str) -> "ParityReport":
+        """Judge the figures against the tolerances of ``precision`` (sets ``tolerance`` and ``passed``)."""
+        self._precision = precision  # for failure(); not a field: the manifest record stays as it was
         self.tolerance = TOLERANCES[precision]
         self.passed = (self.detection_agreement >= self.tolerance["agreement"]
                        and self.landmark_error <= self.tolerance["landmark_error"])
         return self
+
+    def failure(self, what: str, reference: str, then: str) -> EdgefaceError:
+        """The one-line error of a failed :meth:`check`: ``what`` does not reproduce ``reference``, with the figures
+        and the tolerance, then ``then`` (what was or was not written, what to do)."""
+        return EdgefaceError(f"{what} does not reproduce {reference} within the {self._precision} tolerance "
+                             f"({self.summary()}; tolerance {self.tolerance}); {then}")
+
+    def record(self, **facts: Any) -> dict[str, Any]:
+        """The manifest record of a passed check: status, ``facts`` (which runtime, against what), the figures."""
+        return {"status": "passed", **facts, **self.to_dict()}
 
     def summary(self) -> str:
         diffs = ", ".join(f"{k} {v:.2e}" for k, v in self.max_abs_diff.items())

@@ -51,9 +51,9 @@ class ResizePolicy:
 
     - ``max:N``: scale down so the longest side is at most N pixels; smaller images keep their size. ``max:640``
       is :data:`DEFAULT_RESIZE`, what :class:`~edgeface.inference.detector.Detector` uses for photographs with a
-      model that
-      takes any size: the anchors cover faces of 16 to about 600 pixels at the network input, so a face filling
-      a selfie or close-up stays within them (at original scale it comes out as several confident fragments).
+      model that takes any size: the anchors cover faces of 16 to about 600 pixels at the network input, so a face
+      filling a selfie or close-up stays within them (at original scale it comes out as several confident
+      fragments).
     - ``longest:N``: scale so the longest side is N pixels (up or down).
     - ``original``: no scaling: the WIDER FACE protocol (small faces in large images), the input grows with the
       image.

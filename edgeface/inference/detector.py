@@ -23,12 +23,12 @@ from edgeface.runtimes import Runtime, get_runtime_class, open_runtime
 ImageLike = ImageInput
 
 
-def _reproduces_reference(bundle_dir: Path):
+def _reproduces_reference(bundle: Bundle):
     """The default ONNX bundle, just built, in onnxruntime on its parity photograph against the pinned FP32
     PyTorch faces (:func:`edgeface.inference.default_bundle.build` caches it only when this passes)."""
-    detector = Detector(model=bundle_dir, runtime="onnxruntime", self_check=False)
+    detector = Detector(model=bundle, runtime="onnxruntime", self_check=False)
     try:
-        return compare_to_reference(detector, bundle_dir).check("fp32")
+        return compare_to_reference(detector, bundle.path).check("fp32")
     finally:
         detector.close()
 
@@ -137,10 +137,8 @@ class Detector:
             return
         report = compare_to_reference(self, bundle_dir).check(self.runtime.manifest.precision)
         if not report.passed:
-            raise EdgefaceError(
-                f"bundle {bundle_dir} does not reproduce its own reference detections (parity/reference.json: "
-                f"{report.matched_faces}/{report.reference_faces} faces, landmark error {report.landmark_error:.3f}): "
-                "its model or manifest was changed after export; re-export it")
+            raise report.failure(f"bundle {bundle_dir}", "its own reference detections (parity/reference.json)",
+                                 "its model or manifest was changed after export; re-export it")
 
     @classmethod
     def for_model(cls, model, *, resize: str | ResizePolicy, **settings) -> Detector:
