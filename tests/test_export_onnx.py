@@ -199,7 +199,7 @@ def test_parity_beyond_tolerance_fails_the_export(tmp_path, calib_dir, monkeypat
     from edgeface.core import parity
 
     monkeypatch.setitem(parity.TOLERANCES, "fp32", {"agreement": 1.1, "landmark_error": 0.0})
-    with pytest.raises(EdgefaceError, match="does not reproduce PyTorch within tolerance"):
+    with pytest.raises(EdgefaceError, match="does not reproduce PyTorch within the fp32 tolerance"):
         export_bundle("onnx", imgsz=(320, 320), calib=calib_dir, out=tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
     bundle = export_bundle("onnx", imgsz=(320, 320), calib=calib_dir, out=tmp_path / "x", progress=False,
