@@ -22,6 +22,10 @@ TARGETS = (
     "edgeface.export.tflite",
     "edgeface.export.coreml",
     "edgeface.export.tensorrt",
+    "edgeface.export.ncnn",
+    "edgeface.export.openvino",
+    "edgeface.export.executorch",
+    "edgeface.export.qnn",
 )
 
 

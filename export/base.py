@@ -27,6 +27,9 @@ from edgeface.evaluation.accuracy import default_image_dir, spread
 PARITY_IMAGES = 8
 # The input size of a static export when none is given, and of the static bundles `bench --all` times.
 DEFAULT_IMGSZ = (640, 640)
+# Output binding checks (level_errors): a level's spread counts as at least this share of the output's spread over
+# all levels, so that a level where nothing varies does not divide by ~0.
+LEVEL_SPREAD_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -232,3 +235,19 @@ def parity_images() -> list[np.ndarray]:
         half = cv2.resize(photo, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
         images += [cv2.flip(photo, 1), half, np.vstack([np.hstack([half, half[:, ::-1]])] * 2)]
     return images
+
+
+def level_errors(candidate: np.ndarray, reference: np.ndarray, levels) -> dict[int, float]:
+    """Per anchor level: RMS difference / the reference's spread over the priors of that level (its standard
+    deviation per column k, at least LEVEL_SPREAD_FLOOR of the spread over all levels, so that a level where nothing
+    varies does not divide by ~0). 0 for a perfect output, about sqrt(2) for priors in the wrong order; per level,
+    so that a scrambled level cannot hide in the average. Arrays are (N, A, k); images are pooled."""
+    k = reference.shape[-1]
+    overall = np.sqrt(np.mean(reference.reshape(-1, k).var(axis=0)))
+    errors = {}
+    for step, rows in levels:
+        ref = reference[:, rows].reshape(-1, k)
+        diff = candidate[:, rows].reshape(-1, k) - ref
+        spread = max(np.sqrt(np.mean(ref.var(axis=0))), LEVEL_SPREAD_FLOOR * overall, 1e-9)
+        errors[step] = float(np.sqrt(np.mean(diff ** 2)) / spread)
+    return errors

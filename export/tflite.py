@@ -44,13 +44,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from edgeface.export.base import DEFAULT_IMGSZ, Conversion, ExportRequest, TargetOption, TargetSpec
+from edgeface.export.base import DEFAULT_IMGSZ, Conversion, ExportRequest, TargetOption, TargetSpec, level_errors
 from edgeface.runtimes.tflite import load_interpreter
 
 from edgeface.core.errors import EdgefaceError, require
 from edgeface.core.images import ASTRONAUT, load_image
 from edgeface.core.manifest import OUTPUTS
-from edgeface.core.processing import ResizePolicy, dequantize, preprocess, quantize
+from edgeface.core.processing import ResizePolicy, dequantize, level_slices, preprocess, quantize
 from edgeface.core.versions import library_versions
 
 if TYPE_CHECKING:
@@ -69,7 +69,6 @@ DEFAULT_SENSITIVE = ("body.stage1",)
 # fp16 < 0.01, int8 with the default recipes < 0.3, the all-int8 graph < 0.5.
 MAPPING_TOLERANCE = {"fp32": 1e-3, "fp16": 0.1, "int8": 0.7}
 MAPPING_CALIBRATION_IMAGES = 3  # calibration images used for the check besides the bundled photo (and a crop)
-SPREAD_FLOOR = 0.1  # a level's spread counts as at least this share of the output's spread over all levels
 SPEC = TargetSpec(
     name="tflite",
     title="TFLite",
@@ -262,34 +261,6 @@ def _reference_inputs(model, request: ExportRequest) -> list[tuple[str, np.ndarr
     return inputs
 
 
-def _level_slices(model, input_hw: tuple[int, int]) -> list[tuple[int, slice]]:
-    """Prior ranges of each anchor level (stride), in the order the heads emit them."""
-    anchors = model.config.anchors
-    h, w = input_hw
-    out, start = [], 0
-    for step, sizes in zip(anchors.steps, anchors.min_sizes):
-        n = -(-h // step) * -(-w // step) * len(sizes)
-        out.append((step, slice(start, start + n)))
-        start += n
-    return out
-
-
-def level_errors(candidate: np.ndarray, reference: np.ndarray, levels) -> dict[int, float]:
-    """Per anchor level: RMS difference / the reference's spread over the priors of that level (its standard
-    deviation per column k, at least SPREAD_FLOOR of the spread over all levels, so that a level where nothing
-    varies does not divide by ~0). 0 for a perfect output, about sqrt(2) for priors in the wrong order; per level,
-    so that a scrambled level cannot hide in the average. Arrays are (N, A, k); images are pooled."""
-    k = reference.shape[-1]
-    overall = np.sqrt(np.mean(reference.reshape(-1, k).var(axis=0)))
-    errors = {}
-    for step, rows in levels:
-        ref = reference[:, rows].reshape(-1, k)
-        diff = candidate[:, rows].reshape(-1, k) - ref
-        spread = max(np.sqrt(np.mean(ref.var(axis=0))), SPREAD_FLOOR * overall, 1e-9)
-        errors[step] = float(np.sqrt(np.mean(diff ** 2)) / spread)
-    return errors
-
-
 def map_outputs(model_content: bytes, model, request: ExportRequest, *, strict: bool = True
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Which TFLite output tensor is which PyTorch output, established by running both on real images.
@@ -320,7 +291,7 @@ def map_outputs(model_content: bytes, model, request: ExportRequest, *, strict: 
             values[int(d["index"])].append(dequantize(interpreter.get_tensor(d["index"]), _quantization(d)))
     stacked = {k: np.concatenate(v) for k, v in values.items()}
     signature, signature_keys = _signature_keys(interpreter)
-    levels = _level_slices(model, request.input_hw)
+    levels = level_slices(request.input_hw, model.config.anchors)
     tolerance = MAPPING_TOLERANCE[request.precision]
     mapping: dict[str, Any] = {}
     report: dict[str, Any] = {}

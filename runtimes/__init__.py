@@ -23,6 +23,10 @@ RUNTIMES = (
     "edgeface.runtimes.tflite:TFLiteRuntime",
     "edgeface.runtimes.tensorrt:TensorRTRuntime",
     "edgeface.runtimes.coreml:CoreMLRuntime",
+    "edgeface.runtimes.ncnn:NcnnRuntime",
+    "edgeface.runtimes.openvino:OpenVINORuntime",
+    "edgeface.runtimes.executorch:ExecuTorchRuntime",
+    "edgeface.runtimes.qnn:QnnRuntime",
 )
 # Options every runtime accepts (device is checked against each runtime's ``devices``; threads is ignored by
 # runtimes without a CPU thread setting).

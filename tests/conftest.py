@@ -64,3 +64,19 @@ def final_detector(final_retinaface):
     from edgeface.evaluation.accuracy import WIDER_SETTINGS
 
     return Detector(weights=final_retinaface, **WIDER_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def calib_dir(tmp_path_factory, astronaut_path) -> Path:
+    """Real images for INT8 calibration: the shared WIDER images, else crops and flips of the bundled photo (so
+    that exports run, and their tests assert, without the shared data too)."""
+    if WIDER_IMAGES.is_dir():
+        return WIDER_IMAGES
+    import cv2
+
+    folder = tmp_path_factory.mktemp("calib")
+    image = cv2.imread(str(astronaut_path))
+    for i, (y, x) in enumerate([(0, 0), (40, 60), (100, 20), (0, 120), (60, 100), (20, 30)]):
+        crop = image[y:y + 400, x:x + 380]
+        cv2.imwrite(str(folder / f"{i}.jpg"), cv2.flip(crop, 1) if i % 2 else crop)
+    return folder

@@ -12,9 +12,13 @@ from edgeface.cli import main
 def test_every_profile_loads_and_is_valid():
     boards = {b.name: b for b in list_boards()}
     assert set(boards) == {"jetson-orin-nano", "jetson-nano", "raspberry-pi-4", "raspberry-pi-5", "android-arm64",
-                           "iphone", "x86-avx2-laptop", "x86-nvidia-server"}
+                           "iphone", "x86-avx2-laptop", "x86-nvidia-server", "intel-core-ultra", "intel-nuc-cpu",
+                           "android-arm64-executorch", "raspberry-pi-5-ncnn", "snapdragon-8-gen-3", "qualcomm-iq-9075"}
     assert boards["jetson-nano"].target == "tensorrt" and boards["jetson-nano"].options == {"opset": 13}
-    assert all(b.options == {} for b in boards.values() if b.name != "jetson-nano")
+    assert boards["snapdragon-8-gen-3"].options == {"soc_model": "SM8650", "activation_bits": 8}
+    assert boards["qualcomm-iq-9075"].options["soc_model"] == "QCS9100"
+    assert all(b.options == {} for b in boards.values() if b.target not in ("tensorrt", "qnn", "rknn")
+               or b.name == "jetson-orin-nano")
     assert boards["raspberry-pi-4"].runtime == "tflite" and boards["raspberry-pi-4"].imgsz == (320, 320)
     assert boards["x86-nvidia-server"].dynamic and boards["x86-nvidia-server"].imgsz is None
     assert all(b.notes and b.arch for b in boards.values())

@@ -17,21 +17,6 @@ pytest.importorskip("onnxsim", reason="ONNX export needs the onnx extra: pip ins
 
 
 @pytest.fixture(scope="module")
-def calib_dir(tmp_path_factory, astronaut_path):
-    """Real images for calibration and parity: the shared WIDER images, else crops of the bundled photo."""
-    shared = pipeline.default_image_dir()
-    if shared:
-        return shared
-    import cv2
-
-    folder = tmp_path_factory.mktemp("calib")
-    image = cv2.imread(str(astronaut_path))
-    for i, (y, x) in enumerate([(0, 0), (40, 60), (100, 20), (0, 120)]):
-        cv2.imwrite(str(folder / f"{i}.jpg"), image[y:y + 400, x:x + 380])
-    return folder
-
-
-@pytest.fixture(scope="module")
 def onnx_fp32(tmp_path_factory, calib_dir):
     return export_bundle("onnx", precision="fp32", imgsz=(320, 320), calib=calib_dir,
                          out=tmp_path_factory.mktemp("b") / "fp32", progress=False)

@@ -2,8 +2,6 @@
 established against PyTorch, the LiteRT runtime, parity through the shared pipeline and the astronaut's face
 through the Detector."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,29 +19,12 @@ from edgeface.core.parity import TOLERANCES  # noqa: E402
 SIZE = (320, 320)
 CALIB_N = 16
 PRIORS = 2 * (40 * 40 + 20 * 20 + 10 * 10)
-SHARED = Path(os.environ.get("EDGEFACE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-WIDER_IMAGES = SHARED / "data" / "widerface" / "val" / "images"
 # The variants checked end to end: (precision, options). The all-int8 graph is checked separately (it misses the
 # parity tolerance on some image sets, so the defaults keep the first backbone stage in float or at int16).
 VARIANTS = {"fp32": ("fp32", {}), "fp16": ("fp16", {}), "int8": ("int8", {}), "int8_io": ("int8", {"int8_io": True})}
 # Largest difference to the PyTorch detection of the astronaut's face (pixels of the 512x512 photo; the face is
 # about 90 x 115).
 FACE_PIXELS = {"fp32": 0.1, "fp16": 0.5, "int8": 4.0, "int8_io": 4.0}
-
-
-@pytest.fixture(scope="module")
-def calib_dir(tmp_path_factory, astronaut_path):
-    """Real images for calibration and parity: the shared WIDER images, else crops and flips of the bundled photo."""
-    if WIDER_IMAGES.is_dir():
-        return WIDER_IMAGES
-    import cv2
-
-    folder = tmp_path_factory.mktemp("calib")
-    image = cv2.imread(str(astronaut_path))
-    for i, (y, x) in enumerate([(0, 0), (40, 60), (100, 20), (0, 120), (60, 100), (20, 30)]):
-        crop = image[y:y + 400, x:x + 380]
-        cv2.imwrite(str(folder / f"{i}.jpg"), cv2.flip(crop, 1) if i % 2 else crop)
-    return folder
 
 
 @pytest.fixture(scope="module")

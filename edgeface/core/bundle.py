@@ -30,9 +30,11 @@ class Bundle:
     manifest: Manifest
 
     def model_bytes(self) -> int:
-        """Size of the model file (or package directory, e.g. ``.mlpackage``): what a device has to ship."""
-        path = self.file()
-        return sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+        """Size in bytes of the model file (or package directory, e.g. ``.mlpackage``) plus its separate weights
+        file where the format has one (OpenVINO ``.bin``, ncnn ``.bin``): what a device has to ship."""
+        paths = [self.file(role) for role in ("model", "weights") if role in self.manifest.files]
+        return sum(p.stat().st_size for path in paths for p in ([path] if path.is_file() else path.rglob("*"))
+                   if p.is_file())
 
     def file(self, role: str = "model") -> Path:
         """The file of ``role`` (``model``, ``engine``): always inside the bundle (checked on load)."""

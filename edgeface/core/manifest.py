@@ -381,6 +381,65 @@ def _target_info_problem(m: dict[str, Any]) -> str | None:
         return _coreml_problem(m, info)
     if m["target"] == "tensorrt":
         return _tensorrt_problem(m, info)
+    if m["target"] == "executorch":
+        return _executorch_problem(m, info)
+    if m["target"] == "qnn":
+        return _qnn_problem(m, info)
+    return None
+
+
+def _qnn_problem(m: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """The NPU share is what the node counts say, every node off the NPU is named, and a context file is the one
+    target_info.context describes, compiled for target_info.soc."""
+    place = info["placement"]
+    if place["npu_nodes"] > place["total_nodes"]:
+        return f"field target_info.placement.npu_nodes {place['npu_nodes']} exceeds total_nodes {place['total_nodes']}"
+    share = place["npu_nodes"] / place["total_nodes"]
+    if abs(place["npu_share"] - share) > 1e-3:
+        return f"field target_info.placement.npu_share {place['npu_share']}, expected {share:.4f} (npu / total nodes)"
+    if len(place["cpu_fallback"]) != place["total_nodes"] - place["npu_nodes"]:
+        return (f"field target_info.placement.cpu_fallback names {len(place['cpu_fallback'])} nodes, but "
+                f"{place['total_nodes'] - place['npu_nodes']} are not on the NPU")
+    context = info.get("context")
+    if ("context" in m["files"]) != (context is not None):
+        return "field target_info.context and files.context must be given together (the QNN context binary)"
+    if context is not None:
+        if context["file"] != m["files"]["context"]:
+            return f"field target_info.context.file {context['file']!r} is not files.context {m['files']['context']!r}"
+        soc = info["soc"]
+        if [context["soc"], context["soc_model"], context["htp_arch"]] != [soc["name"], soc["soc_model"],
+                                                                           soc["htp_arch"]]:
+            return (f"field target_info.context was compiled for {context['soc']} (soc_model {context['soc_model']}, "
+                    f"v{context['htp_arch']}), not target_info.soc {soc}")
+    return None
+
+
+def _executorch_problem(m: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """A .pte's outputs are positional: each position bound once, and the program's stated tensors (its largest
+    shapes, for a dynamic program) agreeing with the input and outputs the manifest describes."""
+    positions = info["output_positions"]
+    if sorted(positions.values()) != [0, 1, 2]:
+        return f"field target_info.output_positions {positions}, expected positions 0, 1 and 2 once each"
+    meta = info.get("method_meta")
+    if not meta:
+        return None
+    dims, dynamic = _input_dims(m), m.get("dynamic") or {}
+    largest = {d: dynamic[d][2] if isinstance(dims[d], str) and d in dynamic else dims[d]
+               for d in ("batch", "height", "width")}
+    expected = [largest["batch"], 3, largest["height"], largest["width"]]
+    inputs = meta["inputs"]
+    if len(inputs) != 1 or inputs[0]["sizes"] != expected:
+        return (f"field target_info.method_meta.inputs {_short(inputs)} differs from input.shape {m['input']['shape']} "
+                f"(largest {expected})")
+    outputs = meta["outputs"]
+    if len(outputs) != 3:
+        return f"field target_info.method_meta.outputs has {len(outputs)} tensors, expected 3"
+    for out in m["outputs"]:
+        stated = outputs[positions[out["name"]]]["sizes"]
+        if len(stated) != 3 or stated[2] != out["shape"][2] or (isinstance(out["shape"][1], int)
+                                                                and stated[1] != out["shape"][1]):
+            return (f"field target_info.method_meta.outputs[{positions[out['name']]}] {stated} is not output "
+                    f"{out['name']!r} {out['shape']} (target_info.output_positions.{out['name']})")
     return None
 
 

@@ -191,6 +191,19 @@ def preprocess(
     return batch, [Letterbox(scale, hw, input_hw) for scale, hw in boxes]
 
 
+def level_slices(input_hw: tuple[int, int], anchors: AnchorSpec) -> list[tuple[int, slice]]:
+    """(stride, range of prior indices) of each anchor level at ``input_hw``, in the order the heads emit them
+    (:func:`prior_boxes`' order: levels by stride ascending, each a ceil(H / stride) x ceil(W / stride) grid
+    times its anchor sizes)."""
+    h, w = input_hw
+    out, start = [], 0
+    for step, sizes in zip(anchors.steps, anchors.min_sizes):
+        n = math.ceil(h / step) * math.ceil(w / step) * len(sizes)
+        out.append((step, slice(start, start + n)))
+        start += n
+    return out
+
+
 @functools.lru_cache(maxsize=32)
 def prior_boxes(input_hw: tuple[int, int], anchors: AnchorSpec) -> np.ndarray:
     """(A, 4) priors (cx, cy, w, h), normalised to the input size, in the order the heads emit them."""
