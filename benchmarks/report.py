@@ -21,7 +21,7 @@ from edgeface.core.files import atomic_write
 # as the README states targets. threads and cores tell apart runs of one device.
 COLUMNS = ("device", "board", "artifact", "target", "precision", "runtime", "threads", "cores", "size_mb",
            "ap_images", "ap_easy", "ap_medium", "ap_hard", "delta_easy_pts", "delta_medium_pts", "delta_hard_pts",
-           "latency_size", "p50_ms", "infer_p50_ms", "fps", "status", "reason")
+           "latency_size", "p50_ms", "infer_p50_ms", "fps", "placement", "status", "reason")
 CSV_HEADER = ",".join(COLUMNS[:3])  # how a bench table written by to_csv starts
 
 
@@ -71,7 +71,10 @@ _LATENCY = {"size!": _TEXT, "image": ([int], *_NONE), "input": ([int], *_NONE), 
 _ACCURACY = {"num_images": (int, *_NONE), "ap": {"*": _NUM}, "delta_ap": ({"*": (*_NUM, *_NONE)}, *_NONE),
              "pr_curves": {"*": [[_NUM]]}}
 _RESULT = {"name!": _TEXT, "status": (str, *_NONE), "target": (str, *_NONE), "precision": (str, *_NONE),
-           "runtime": ({"runtime": (str, *_NONE)}, str, *_NONE), "size_bytes": (*_NUM, *_NONE),
+           "runtime": ({"runtime": (str, *_NONE),
+                        "placement": ({"npu_nodes": int, "total_nodes": int, "cpu_fallback": [str]}, *_NONE)},
+                       str, *_NONE),
+           "size_bytes": (*_NUM, *_NONE),
            "reason": (str, *_NONE), "latency": ([_LATENCY], *_NONE), "accuracy": (_ACCURACY, *_NONE)}
 REPORT_FIELDS = {
     "created": _TEXT,
@@ -177,9 +180,23 @@ def rows(record: dict[str, Any]) -> list[dict[str, Any]]:
                for k in ("easy", "medium", "hard")},
             "latency_size": first.get("size", ""), "p50_ms": (first.get("total_ms") or {}).get("p50", ""),
             "infer_p50_ms": (first.get("infer_ms") or {}).get("p50", ""), "fps": first.get("fps", ""),
-            "status": result.get("status"), "reason": result.get("reason") or "",
+            "placement": _placement(runtime), "status": result.get("status"), "reason": result.get("reason") or "",
         })
     return out
+
+
+def _placement(runtime: Any) -> str:
+    """Where an NPU artifact's graph runs, as its manifest records it (the runtime's ``placement``): "NPU 487/487",
+    or with the nodes that fall back to the CPU named, never hidden. Blank for CPU / GPU runtimes."""
+    place = runtime.get("placement") if isinstance(runtime, dict) else None
+    if not place:
+        return ""
+    text = f"NPU {place['npu_nodes']}/{place['total_nodes']}"
+    fallback = place.get("cpu_fallback") or []
+    if fallback:
+        shown = ", ".join(fallback[:3]) + (f" and {len(fallback) - 3} more" if len(fallback) > 3 else "")
+        text += f"; CPU fallback: {shown}"
+    return text
 
 
 def _or_blank(value: Any) -> Any:

@@ -26,6 +26,7 @@ TARGETS = (
     "edgeface.export.openvino",
     "edgeface.export.executorch",
     "edgeface.export.qnn",
+    "edgeface.export.rknn",
 )
 
 

@@ -13,7 +13,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -21,7 +21,11 @@ import numpy as np
 from edgeface.core.errors import EdgefaceError, first_line
 from edgeface.core.files import captured_output
 from edgeface.core.images import ASTRONAUT, list_images, load_image
+from edgeface.core.manifest import OUTPUTS
 from edgeface.evaluation.accuracy import default_image_dir, spread
+
+if TYPE_CHECKING:
+    from edgeface.runtimes.base import Runtime
 
 # Real photographs the export's parity check (and Core ML's program check) runs on.
 PARITY_IMAGES = 8
@@ -50,7 +54,11 @@ class TargetOption:
         return self.flag or f"option {self.name!r}"
 
     def check(self, value: Any) -> None:
-        if self.choices is None or (not isinstance(value, bool) and value in self.choices):
+        if self.choices is None:
+            return
+        # True == 1: a flag's choices (True, False) take booleans only, numeric choices no booleans
+        boolean = not isinstance(self.choices, range) and all(isinstance(c, bool) for c in self.choices)
+        if isinstance(value, bool) == boolean and value in self.choices:
             return
         if isinstance(self.choices, range):
             accepted = f"{self.choices.start}-{self.choices.stop - 1}"
@@ -82,12 +90,17 @@ class TargetSpec:
     aliases: tuple[str, ...] = ()  # platform names a user thinks in (``--target jetson``)
     calibrated: tuple[str, ...] = ()  # precisions calibrated on real images (--calib); others need none
     static_only: str | None = None  # why the target takes fixed input sizes only; None: --dynamic works
+    # (precision, why) for precisions exported per input size only where others take --dynamic
+    static_precisions: tuple[tuple[str, str], ...] = ()
     options: tuple[TargetOption, ...] = ()
     # The runtime that checks a fresh bundle on the export machine (parity, --eval) when ``runtime`` is a device's
     # (a TensorRT bundle's ONNX runs in onnxruntime); None: ``runtime``.
     verify_runtime: str | None = None
     # `edgeface bench --all`: (precision, static input size or None for dynamic), exported and timed in this order.
     bench: tuple[tuple[str, tuple[int, int] | None], ...] = ()
+    # `bench --all`: at most this many WIDER images for AP where this machine runs the artifact in an emulator
+    # (seconds per image); the table's ap_images column states the subset. None: the run's --limit.
+    bench_limit: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -96,6 +109,13 @@ class TargetSpec:
         for what, values in (("calibrated", self.calibrated), ("bench", [p for p, _ in self.bench])):
             if not set(values) <= set(self.precisions):
                 problems.append(f"{what} {sorted(set(values) - set(self.precisions))} not in precisions")
+        if self.bench_limit is not None and (isinstance(self.bench_limit, bool) or not isinstance(self.bench_limit, int)
+                                             or self.bench_limit < 1):
+            problems.append(f"bench_limit {self.bench_limit!r}: give a number of images, at least 1, or None")
+        if not {p for p, _ in self.static_precisions} <= set(self.precisions):
+            problems.append(f"static_precisions {self.static_precisions!r}: precisions it does not declare")
+        if any(size is None for p, size in self.bench if p in dict(self.static_precisions)):
+            problems.append("bench: a static-only precision has no dynamic entry")
         if self.static_only is not None and any(size is None for _, size in self.bench):
             problems.append("bench: a static-only target has no dynamic entry")
         names = [o.name for o in self.options]
@@ -106,8 +126,12 @@ class TargetSpec:
 
     @property
     def dynamic(self) -> bool:
-        """Whether it exports dynamic input sizes (``--dynamic``)."""
+        """Whether it exports dynamic input sizes (``--dynamic``), for some precision at least."""
         return self.static_only is None
+
+    def static_reason(self, precision: str) -> str | None:
+        """Why ``precision`` takes fixed input sizes only (None: --dynamic works for it)."""
+        return self.static_only or dict(self.static_precisions).get(precision)
 
     @property
     def runtime_here(self) -> str:
@@ -124,9 +148,11 @@ class TargetSpec:
         return {"name": self.name, "title": self.title, "aliases": list(self.aliases),
                 "precisions": list(self.precisions), "default_precision": self.precisions[0],
                 "calibrated": list(self.calibrated), "dynamic": self.dynamic, "static_only": self.static_only,
+                "static_precisions": dict(self.static_precisions),
                 "options": [o.to_dict() for o in self.options], "extra": self.extra, "runtime": self.runtime,
                 "verify_runtime": self.runtime_here, "libraries": list(self.libraries),
-                "bench": [{"precision": p, "imgsz": list(size) if size else None} for p, size in self.bench]}
+                "bench": [{"precision": p, "imgsz": list(size) if size else None} for p, size in self.bench],
+                "bench_limit": self.bench_limit}
 
 
 @dataclass(frozen=True)
@@ -162,6 +188,11 @@ class Conversion:
     # Runs the artifact here? None = yes; else the exact reason it cannot (parity then runs on what can).
     not_runnable_here: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # target-specific manifest section (e.g. tensorrt build)
+    # An open runtime over the artifact in this process, for one that cannot be reopened from its files here (a
+    # .rknn runs in rknn-toolkit2's simulator only in the session that built it): parity and --eval run on it
+    # instead of opening the staged bundle, and the pipeline closes it when the export ends. None: they open the
+    # staged bundle with the target's ``runtime_here``.
+    runtime: Runtime | None = None
 
 
 # Loggers of the converters' libraries (and the root logger, where onnxruntime's quantizer logs), set to ERROR
@@ -221,6 +252,15 @@ def _with_log(exc: Exception, what: str, log) -> EdgefaceError:
     return EdgefaceError(f"the {what} failed ({detail}){where}")
 
 
+def binding_photos(parity: int = 0) -> list[tuple[str, np.ndarray]]:
+    """(name, BGR image) for an output binding check: the bundled photograph, a crop of it in which the face fills
+    the frame (about 90 x 115 pixels, so that the coarsest anchor level sees a face too), then the first
+    ``parity`` other images of :func:`parity_images`."""
+    photo = load_image(ASTRONAUT)
+    images = [("edgeface/assets/astronaut.jpg", photo), ("astronaut.jpg face crop", photo[40:200, 145:305])]
+    return images + [(f"parity image {i + 1}", image) for i, image in enumerate(parity_images()[1:1 + parity])]
+
+
 def parity_images() -> list[np.ndarray]:
     """Real photographs with faces for the export's parity check, never the user's calibration folder (a parity
     check on the calibration images would pass a model calibrated on images without faces): the bundled photograph
@@ -251,3 +291,36 @@ def level_errors(candidate: np.ndarray, reference: np.ndarray, levels) -> dict[i
         spread = max(np.sqrt(np.mean(ref.var(axis=0))), LEVEL_SPREAD_FLOOR * overall, 1e-9)
         errors[step] = float(np.sqrt(np.mean(diff ** 2)) / spread)
     return errors
+
+
+def choose_outputs(errors: dict[tuple[str, Any], dict[int, float]], max_abs: dict[tuple[str, Any], float], *,
+                   tolerance: float, strict: bool, what: str, outputs: list[Any]
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Bind each PyTorch output (``loc``, ``conf``, ``landmarks``, in that order) to the converted model's output
+    that reproduces it best: ``errors[(name, key)]`` is :func:`level_errors` of candidate output ``key`` against
+    PyTorch's ``name`` (only for candidates of the same shape), ``max_abs`` their largest raw difference. Each
+    candidate is bound once.
+
+    Returns ``({name: key}, {name: {"error_by_stride": {stride: error}, "max_abs_diff": float}})``. Raises
+    :class:`EdgefaceError` when no candidate has a PyTorch output's shape, or (``strict``; False for --no-verify,
+    which binds the closest and lets the caller report the check as failed) when the closest one is beyond
+    ``tolerance``: a wrong or scrambled output (``what`` names the format, ``outputs`` its outputs)."""
+    chosen: dict[str, Any] = {}
+    report: dict[str, Any] = {}
+    for name in OUTPUTS:
+        scored = [(max(per_level.values()), per_level, key) for (n, key), per_level in errors.items()
+                  if n == name and key not in chosen.values()]
+        if not scored:
+            raise EdgefaceError(f"no {what} output has the shape of PyTorch's {name!r} (outputs: {outputs}): the "
+                                "conversion is not usable; nothing was written")
+        worst, per_level, key = min(scored, key=lambda s: s[0])
+        if worst > tolerance and strict:
+            raise EdgefaceError(
+                f"no {what} output reproduces PyTorch's {name!r} on real images (closest: {key!r}, error per anchor "
+                f"stride {', '.join(f'{k}: {v:.3g}' for k, v in per_level.items())}; tolerance {tolerance}, a "
+                "scrambled output gives ~1.4): the converter produced a wrong or scrambled output; nothing was "
+                "written")
+        chosen[name] = key
+        report[name] = {"error_by_stride": {str(k): float(f"{v:.3g}") for k, v in per_level.items()},
+                        "max_abs_diff": float(f"{max_abs[(name, key)]:.3g}")}
+    return chosen, report

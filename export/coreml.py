@@ -26,7 +26,7 @@ from edgeface.export.base import DEFAULT_IMGSZ, Conversion, ExportRequest, Targe
 from edgeface.export.coreml_mil import MILProgramRuntime, UnsupportedOp, load_program, single_thread
 
 from edgeface.core.errors import EdgefaceError, require
-from edgeface.core.manifest import OUTPUT_MEANINGS, OUTPUTS, manifest_for_model
+from edgeface.core.manifest import OUTPUT_COLUMNS, OUTPUT_MEANINGS, OUTPUTS, manifest_for_model
 from edgeface.core.parity import compare
 from edgeface.core.processing import ResizePolicy
 from edgeface.core.versions import library_versions
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.mlpackage"
 DEBUG_MAP = "executorch_debug_handle_mapping.json"
 INPUT_NAME = "input"
-OUTPUT_WIDTH = {"loc": 4, "conf": 2, "landmarks": 10}
 DEFAULT_DEPLOYMENT_TARGET = "iOS16"  # ML Programs with FP16 I/O types and per-channel INT8 weights
 INT8_WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller tensors (depthwise, heads of small models) stay FP16
 EXPORT_TOLERANCE = 1e-4  # ExportedProgram vs eager PyTorch (same ops: differences are export errors)
@@ -291,7 +290,7 @@ def check_package(path: Path, *, kind: str, sizes: list[tuple[int, int]], precis
     checks["outputs"] = outputs
     if list(outputs) != list(OUTPUTS):
         problems.append(f"outputs {list(outputs)}, expected {list(OUTPUTS)}")
-    for name, k in OUTPUT_WIDTH.items():
+    for name, k in OUTPUT_COLUMNS.items():
         got = outputs.get(name, {})
         if got.get("dtype") != "FLOAT32":
             problems.append(f"output {name} is {got.get('dtype')}, expected FLOAT32")
@@ -378,7 +377,7 @@ def check_program(model, path: Path, *, precision: str, kind: str, sizes: list[t
         priors = model.config.anchors.num_priors((h, w))
         shapes[f"{h}x{w}"] = {name: [1, *got[name].shape] for name in OUTPUTS}  # batch-1 programs
         diffs[f"{h}x{w}"] = {name: float(np.abs(got[name] - want[name]).max()) for name in OUTPUTS}
-        wrong = {name: list(got[name].shape) for name, k in OUTPUT_WIDTH.items() if got[name].shape != (priors, k)}
+        wrong = {name: list(got[name].shape) for name, k in OUTPUT_COLUMNS.items() if got[name].shape != (priors, k)}
         if wrong:
             raise EdgefaceError(f"the Core ML program gives output shapes {wrong} at {h}x{w} (per image); "
                                 f"expected ({priors}, k)")
@@ -513,7 +512,7 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
     priors = model.config.anchors.num_priors(sizes[0])
     extra = {
         **describe_input(kind, sizes, mean_bgr),
-        "outputs": {name: [1, priors, k] for name, k in OUTPUT_WIDTH.items()},
+        "outputs": {name: [1, priors, k] for name, k in OUTPUT_COLUMNS.items()},
         "output_dtype": "float32",
         "model_type": "mlprogram",
         "minimum_deployment_target": target.name,

@@ -36,15 +36,16 @@ from edgeface.export.base import (
     ExportRequest,
     TargetOption,
     TargetSpec,
+    binding_photos,
+    choose_outputs,
     level_errors,
-    parity_images,
 )
 from edgeface.export.coreml import export_program
 from edgeface.runtimes.executorch import LoadedMethod, describe_method
 
-from edgeface.core.errors import EdgefaceError, require
+from edgeface.core.errors import EdgefaceError, first_line, require
 from edgeface.core.images import ASTRONAUT, load_image
-from edgeface.core.manifest import OUTPUTS
+from edgeface.core.manifest import OUTPUT_COLUMNS, OUTPUTS
 from edgeface.core.processing import INPUT_MULTIPLE, ResizePolicy, level_slices, preprocess
 from edgeface.core.versions import library_versions
 
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.pte"
 METHOD = "forward"
 BACKEND = "XnnpackBackend"
-OUTPUT_WIDTH = {"loc": 4, "conf": 2, "landmarks": 10}
 # --dynamic: the range of input heights and widths (pixels, multiples of 32) and the size the ranges are reported
 # around. ExecuTorch plans its memory for the largest input, so the maximum costs memory on the device at every
 # size: 2048 is what the ONNX target allows as well (edgeface.export.onnx.DYNAMIC_RANGES).
@@ -100,6 +100,7 @@ SPEC = TargetSpec(
     extra="executorch",
     runtime="executorch",
     libraries=("executorch", "torch", "torchao"),
+    static_precisions=(("int8", INT8_STATIC_REASON),),
     bench=(("fp32", DEFAULT_IMGSZ), ("int8", DEFAULT_IMGSZ)),
 )
 
@@ -239,10 +240,14 @@ def quantize_int8(model, sizes: list[tuple[int, int]], calibration: tuple[np.nda
             quantizer_module.get_symmetric_quantization_config(is_per_channel=True))
         if keep:
             quantizer.set_filter_function(float_filter(keep))
-        prepared = pt2e.prepare_pt2e(graph, quantizer)
-        for x in calibration:
-            prepared(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-        converted = pt2e.convert_pt2e(prepared)
+        try:
+            prepared = pt2e.prepare_pt2e(graph, quantizer)
+            for x in calibration:
+                prepared(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+            converted = pt2e.convert_pt2e(prepared)
+        except Exception as exc:  # torchao's PT2E passes raise many types
+            raise EdgefaceError(f"PT2E quantisation for XNNPACK failed ({type(exc).__name__}: "
+                                f"{first_line(exc)})") from None
     record = {"method": "pt2e static (HistogramObserver activation ranges, MinMax per-channel weights)",
               "tool": "torchao.quantization.pt2e + executorch XNNPACKQuantizer",
               "images": len(calibration), "weights": "int8 per-channel symmetric",
@@ -321,10 +326,7 @@ def _reference_inputs(model, input_hw: tuple[int, int]) -> list[tuple[str, np.nd
     images) and a crop of the bundled photo in which the face fills the frame (so that the coarsest anchor level
     sees a face too)."""
     policy = ResizePolicy("fixed", input_hw)
-    photo = load_image(ASTRONAUT)
-    face = photo[40:200, 145:305]  # the astronaut's face with a margin (as edgeface.export.tflite checks)
-    images = [("astronaut.jpg face crop", face)] + [(f"parity image {i}", im) for i, im in
-                                                     enumerate(parity_images()[:4])]
+    images = binding_photos(parity=3)
     return [(name, preprocess([im], policy=policy, mean_bgr=model.config.mean_bgr)[0]) for name, im in images]
 
 
@@ -348,34 +350,18 @@ def map_outputs(path: Path, model, precision: str, input_hw: tuple[int, int], *,
         raise EdgefaceError(f"the ExecuTorch program returns {len(runs[0])} outputs, expected {len(OUTPUTS)} "
                             f"({', '.join(OUTPUTS)})")
     candidates = [np.concatenate([r[i] for r in runs]) for i in range(len(OUTPUTS))]
-    reference = {n: np.concatenate([_torch_outputs(model, x)[n] for _, x in inputs]) for n in OUTPUTS}
+    torch_runs = [_torch_outputs(model, x) for _, x in inputs]
+    reference = {n: np.concatenate([r[n] for r in torch_runs]) for n in OUTPUTS}
     levels = level_slices(input_hw, model.config.anchors)
     tolerance = MAPPING_TOLERANCE[precision]
-    positions: dict[str, int] = {}
-    report: dict[str, Any] = {}
-    for name in OUTPUTS:
-        ref = reference[name]
-        scored = []
-        for position, values in enumerate(candidates):
-            if position in positions.values() or values.shape != ref.shape:
-                continue
-            per_level = level_errors(values, ref, levels)
-            scored.append((max(per_level.values()), per_level, position))
-        if not scored:
-            shapes = [list(c.shape) for c in candidates]
-            raise EdgefaceError(f"no ExecuTorch output has the shape of PyTorch's {name!r} {list(ref.shape)} "
-                                f"(outputs: {shapes}); the conversion is not usable")
-        worst, per_level, position = min(scored, key=lambda s: s[0])
-        if worst > tolerance and strict:
-            raise EdgefaceError(
-                f"no ExecuTorch output reproduces PyTorch's {name!r} on real images (closest: output {position}, "
-                f"error per anchor stride {', '.join(f'{k}: {v:.3g}' for k, v in per_level.items())}; tolerance "
-                f"{tolerance}, a scrambled output gives ~1.4): the converter produced a wrong or scrambled output; "
-                "nothing was written")
-        positions[name] = position
-        report[name] = {"position": position,
-                        "error_by_stride": {str(k): float(f"{v:.3g}") for k, v in per_level.items()},
-                        "max_abs_diff": float(f"{np.abs(candidates[position] - ref).max():.3g}")}
+    pairs = [(name, position) for name in OUTPUTS for position, values in enumerate(candidates)
+             if values.shape == reference[name].shape]
+    errors = {(n, p): level_errors(candidates[p], reference[n], levels) for n, p in pairs}
+    max_abs = {(n, p): float(np.abs(candidates[p] - reference[n]).max()) for n, p in pairs}
+    positions, report = choose_outputs(errors, max_abs, tolerance=tolerance, strict=strict, what="ExecuTorch",
+                                       outputs=[list(c.shape) for c in candidates])
+    for name, position in positions.items():
+        report[name] = {"position": position, **report[name]}
     worst = max(max(r["error_by_stride"].values()) for r in report.values())
     check = {"status": "passed" if worst <= tolerance else "failed", "input_size": list(input_hw),
              "images": [n for n, _ in inputs], "metric": "per anchor level RMS difference / reference spread",
@@ -399,7 +385,7 @@ def check_sizes(path: Path, model, precision: str, positions: dict[str, int],
         want = _torch_outputs(model, x)
         priors = model.config.anchors.num_priors((h, w))
         diffs[f"{h}x{w}"] = {}
-        for name, k in OUTPUT_WIDTH.items():
+        for name, k in OUTPUT_COLUMNS.items():
             out = got[positions[name]]
             if out.shape != (1, priors, k):
                 problems.append(f"{name} is {list(out.shape)} at {h}x{w}, expected [1, {priors}, {k}]")
@@ -428,9 +414,6 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
     import torch  # deferred: PyTorch (export extra)
 
     _toolchain()
-    if request.precision not in SPEC.precisions:
-        raise EdgefaceError(f"ExecuTorch precision {request.precision!r}: choose {', '.join(SPEC.precisions)}. "
-                            f"{FP16_REASON}")
     options = dict(request.options)
     int8 = request.precision == "int8"
     keep = keep_float_paths(options.pop("keep_float", INT8_KEEP_FLOAT if int8 else ()), model)

@@ -11,7 +11,8 @@
   converter truncates mantissas and flushes every weight below 2^-14 (6.1e-5) to zero, and this model's first
   convolution, which sees 0-255 pixels, has small weights: 42 of its 216 become 0 (478 weights in all). Measured on
   the 8 parity images (dynamic, original scale): pnnx's fp16 file 97.8% of faces at IoU >= 0.9, landmark error
-  0.0025, max |diff| loc 0.45; the re-encoded one, of the same size, 100%, 0.0005, 0.14. The ncnn runtime turns on fp16 storage and arithmetic for fp16
+  0.0025, max |diff| loc 0.45; the re-encoded one, of the same size, 100%, 0.0005, 0.14. The ncnn runtime turns
+  on fp16 storage and arithmetic for fp16
   bundles where the hardware has them (ARMv8.2 CPUs, Vulkan GPUs). x86 ncnn has no fp16 arithmetic, so this
   machine checks the fp16 weights computed in fp32, not fp16 arithmetic (see :mod:`edgeface.runtimes.ncnn`).
 - Sizes: given a second input shape (``inputshape2``), pnnx writes the head Reshape sizes as expressions of the
@@ -41,12 +42,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from edgeface.export.base import Conversion, ExportRequest, TargetSpec, level_errors, parity_images
+from edgeface.export.base import Conversion, ExportRequest, TargetSpec, binding_photos, choose_outputs, level_errors
 from edgeface.export.onnx import DYNAMIC_RANGES
 from edgeface.runtimes.ncnn import load_net, run_net
 
 from edgeface.core.errors import EdgefaceError, first_line, require
-from edgeface.core.images import ASTRONAUT, load_image
 from edgeface.core.manifest import OUTPUTS
 from edgeface.core.processing import ResizePolicy, level_slices, preprocess
 from edgeface.core.versions import library_versions
@@ -78,8 +78,6 @@ MAPPING_TOLERANCE = {"fp32": 1e-3, "fp16": 0.1}
 MAPPING_IMAGES = 2  # real photographs used for the check besides the bundled photo and a crop of its face
 # conf must hold softmax probabilities: each row sums to 1 (float32 rounding, fp16 weights).
 SOFTMAX_TOLERANCE = 1e-3
-# Columns per prior of each output.
-COLUMNS = {"loc": 4, "conf": 2, "landmarks": 10}
 
 SPEC = TargetSpec(
     name="ncnn",
@@ -104,7 +102,11 @@ def pnnx_convert(model: nn.Module, folder: Path, sizes: tuple[tuple[int, int], .
     traced = folder / "model.pt"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings on the shape arithmetic pnnx turns into expressions
-        torch.jit.trace(model.eval(), torch.zeros(1, 3, h, w), check_trace=False).save(str(traced))
+        try:
+            torch.jit.trace(model.eval(), torch.zeros(1, 3, h, w), check_trace=False).save(str(traced))
+        except Exception as exc:  # the tracer raises RuntimeError / TypeError on what it cannot trace
+            raise EdgefaceError(f"torch.jit.trace could not trace {type(model).__name__} for pnnx "
+                                f"({type(exc).__name__}: {first_line(exc)})") from None
     files = {"ncnnparam": "model.ncnn.param", "ncnnbin": "model.ncnn.bin", "ncnnpy": "model_ncnn.py",
              "pnnxparam": "model.pnnx.param", "pnnxbin": "model.pnnx.bin", "pnnxpy": "model_pnnx.py",
              "pnnxonnx": "model.pnnx.onnx"}
@@ -180,19 +182,12 @@ def fp16_weights(param_text: str, weights: bytes) -> tuple[bytes, dict[str, Any]
     return bytes(out), counts
 
 
-def _reference_images() -> list[tuple[str, np.ndarray]]:
-    """Real photographs for the output check: the bundled photo, a crop of it in which the face fills the frame
-    (so that the coarsest anchor level sees a face too) and the first WIDER FACE images of the parity set."""
-    photo = load_image(ASTRONAUT)
-    images = [("edgeface/assets/astronaut.jpg", photo), ("astronaut.jpg face crop", photo[40:200, 145:305])]
-    images += [(f"parity image {i + 1}", image) for i, image in enumerate(parity_images()[1:1 + MAPPING_IMAGES])]
-    return images
 
 
 def map_outputs(net: Any, model, request: ExportRequest, *, strict: bool = True
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Which ncnn blob is which PyTorch output, established by running both on real images: at the bundle's size
-    for a static model, at each image's own size (padded to a multiple of 32; none of them a traced size) for a
+    for a static model, at each image's own size (none of them a traced size) for a
     dynamic one. Also checks that the conf blob holds probabilities (the softmax survived). Returns
     ``({"input_blob": ..., "output_blobs": {name: blob}}, check)``.
 
@@ -207,7 +202,7 @@ def map_outputs(net: Any, model, request: ExportRequest, *, strict: bool = True
     errors: dict[tuple[str, str], dict[int, float]] = {}  # (output, blob) -> worst error per stride
     max_abs: dict[tuple[str, str], float] = {}
     row_sums: dict[str, float] = {}  # blob -> worst |row sum - 1| (read for the blob bound to conf)
-    images, sizes = _reference_images(), []
+    images, sizes = binding_photos(MAPPING_IMAGES), []
     for _, image in images:
         x = preprocess([image], policy=policy, mean_bgr=model.config.mean_bgr)[0]
         sizes.append(list(x.shape[2:]))
@@ -227,23 +222,10 @@ def map_outputs(net: Any, model, request: ExportRequest, *, strict: bool = True
                 max_abs[(name, blob)] = max(max_abs.get((name, blob), 0.0),
                                             float(np.abs(value - reference[name][0]).max()))
     tolerance = MAPPING_TOLERANCE[request.precision]
-    mapping: dict[str, str] = {}
-    report: dict[str, Any] = {}
-    for name in OUTPUTS:
-        scored = [(max(e.values()), blob, e) for (n, blob), e in errors.items()
-                  if n == name and blob not in mapping.values()]
-        if not scored:
-            raise EdgefaceError(f"no ncnn output has the shape of PyTorch's {name!r} (priors, {COLUMNS[name]}) "
-                                f"(output blobs: {outputs}): the reshapes did not survive the conversion")
-        worst, blob, per_level = min(scored, key=lambda s: s[0])
-        if worst > tolerance and strict:
-            raise EdgefaceError(
-                f"no ncnn output reproduces PyTorch's {name!r} on real images (closest: blob {blob!r}, error per "
-                f"anchor stride {', '.join(f'{k}: {v:.3g}' for k, v in per_level.items())}; tolerance {tolerance}, "
-                "a scrambled output gives ~1.4): the conversion produced a wrong or scrambled output")
-        mapping[name] = blob
-        report[name] = {"blob": blob, "error_by_stride": {str(k): float(f"{v:.3g}") for k, v in per_level.items()},
-                        "max_abs_diff": float(f"{max_abs[(name, blob)]:.3g}")}
+    mapping, report = choose_outputs(errors, max_abs, tolerance=tolerance, strict=strict, what="ncnn",
+                                     outputs=outputs)
+    for name, blob in mapping.items():
+        report[name] = {"blob": blob, **report[name]}
     softmax_error = row_sums[mapping["conf"]]
     if softmax_error > SOFTMAX_TOLERANCE and strict:
         raise EdgefaceError(f"the ncnn conf output (blob {mapping['conf']!r}) has rows summing to 1 +- "
@@ -310,7 +292,8 @@ def convert(model: nn.Module, out_dir: Path, request: ExportRequest) -> Conversi
         files={"model": PARAM_FILE, "weights": WEIGHTS_FILE},
         dynamic=dynamic,
         converter={"exporter": "torch.jit.trace -> pnnx", "command": " ".join(command),
-                   "weights": "float16" if fp16 else "float32", "fp16_weights": fp16_info, "convert_seconds": round(convert_seconds, 1),
+                   "weights": "float16" if fp16 else "float32", "fp16_weights": fp16_info,
+                   "convert_seconds": round(convert_seconds, 1),
                    "checked_with": run_info, "versions": library_versions(*SPEC.libraries)},
         notes=notes,
         extra=extra,

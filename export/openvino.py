@@ -117,7 +117,11 @@ def _max_diff_to_onnx(ov_model, proto, input_hw: tuple[int, int] | None) -> floa
     x = np.random.default_rng(0).normal(0, 60, (1, 3, h, w)).astype(np.float32)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = dict(zip(OUTPUTS, session.run(list(OUTPUTS), {"input": x})))
-    got = _compile_cpu(ov_model)({"input": x})
+    try:
+        got = _compile_cpu(ov_model)({"input": x})
+    except RuntimeError as exc:  # OpenVINO's C++ exceptions arrive as RuntimeError with a long report
+        raise EdgefaceError(f"OpenVINO could not compile or run the converted IR on the CPU: {ov_message(exc)}"
+                            ) from None
     return max(float(np.abs(got[name] - expected[name]).max()) for name in OUTPUTS)
 
 

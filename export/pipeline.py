@@ -3,6 +3,7 @@ evaluation) -> atomic publication of the bundle."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ import cv2
 import numpy as np
 from edgeface.export import check_options, get_converter, get_spec, resolve_precision, resolve_target
 from edgeface.export.base import DEFAULT_IMGSZ, ExportRequest, parity_images
+from edgeface.runtimes import Runtime
 
 from edgeface.core.bundle import Bundle, check_output_folder, load_bundle, staged_bundle, staging_dir, write_manifest
 from edgeface.core.errors import EdgefaceError, first_line
@@ -70,8 +72,10 @@ def export_bundle(
     check_options(target, {"opset": opset, **options})
     if opset is None:
         opset = target_spec.option("opset").default if target_spec.option("opset") else ExportRequest.opset
-    if dynamic and not target_spec.dynamic:
-        raise EdgefaceError(f"--dynamic is not available for {target}: {target_spec.static_only}; use --imgsz HxW")
+    if dynamic and target_spec.static_reason(precision):
+        what = target if target_spec.static_only else f"{target} {precision}"
+        raise EdgefaceError(f"--dynamic is not available for {what}: {target_spec.static_reason(precision)}; use "
+                            "--imgsz HxW")
     if dynamic and imgsz:
         raise EdgefaceError("give either --imgsz HxW or --dynamic, not both")
     input_hw = None if dynamic else tuple(imgsz or DEFAULT_IMGSZ)
@@ -110,10 +114,13 @@ def export_bundle(
                             calibration_source=str(image_dir) if calibration else "", options=options,
                             verify=verify)
 
-    with staging_dir(out) as tmp:
+    with staging_dir(out) as tmp, contextlib.ExitStack() as cleanup:
         log(f"converting {model.config.name} to {target} {precision} "
             f"({'dynamic' if input_hw is None else f'{input_hw[0]}x{input_hw[1]}'})")
         conversion = get_converter(target)(model, tmp, request)
+        if conversion.runtime is not None:  # the converter's own runtime over the artifact, closed at the end
+            cleanup.callback(conversion.runtime.close)
+        runtime = conversion.runtime or target_spec.runtime_here
         calibration_record = conversion.calibration
         if calib and calibration and calibration_record is not None:
             calibration_record = {**calibration_record, "images_with_faces": faces_found}
@@ -127,14 +134,13 @@ def export_bundle(
         _write_parity_reference(tmp, model, policy)
         staged = staged_bundle(tmp, manifest)  # checked as a load would check it; the manifest is written last
         if verify:
-            manifest.parity = _parity(staged, model, precision, target_spec.runtime_here, conversion.not_runnable_here,
-                                      log)
+            manifest.parity = _parity(staged, model, precision, runtime, conversion.not_runnable_here, log)
         else:
             manifest.parity = {"status": "skipped", "reason": "--no-verify"}
         manifest.export_seconds = round(time.perf_counter() - started, 1)  # conversion + parity, not --eval
         if evaluate:
-            manifest.accuracy = _evaluate(staged, model, target_spec.runtime_here, conversion.not_runnable_here,
-                                          evaluate, progress, log)
+            manifest.accuracy = _evaluate(staged, model, runtime, conversion.not_runnable_here, evaluate, progress,
+                                          log)
         write_manifest(tmp, manifest)
     log(f"wrote {out} in {manifest.export_seconds} s")
     return load_bundle(out)
@@ -195,7 +201,7 @@ def _warn_few_faces(with_faces: int, images: int, log) -> None:
             "photographs with faces like the ones the model will see")
 
 
-def _parity(bundle: Bundle, model, precision: str, runtime: str, not_runnable: str | None, log
+def _parity(bundle: Bundle, model, precision: str, runtime: str | Runtime, not_runnable: str | None, log
             ) -> dict[str, Any]:
 
     if not_runnable:
@@ -207,15 +213,16 @@ def _parity(bundle: Bundle, model, precision: str, runtime: str, not_runnable: s
         reference = Detector.for_model(model, resize=candidate.resize)
         report = compare(reference, candidate, parity_images()).check(precision)
     finally:
-        candidate.close()
+        if isinstance(runtime, str):  # a converter's runtime (Conversion.runtime) is closed when the export ends
+            candidate.close()
     log(f"parity: {report.summary()}")
     if not report.passed:
         raise report.failure(f"the {precision} artifact", "PyTorch", NOT_WRITTEN)
     return report.record(runtime=candidate.runtime.name)
 
 
-def _evaluate(bundle: Bundle, model, runtime: str, not_runnable: str | None, spec: dict[str, Any], progress: bool,
-              log):
+def _evaluate(bundle: Bundle, model, runtime: str | Runtime, not_runnable: str | None, spec: dict[str, Any],
+              progress: bool, log):
 
     if not_runnable:
         return {"status": "skipped", "reason": not_runnable}
@@ -226,7 +233,8 @@ def _evaluate(bundle: Bundle, model, runtime: str, not_runnable: str | None, spe
         ours = evaluate_detector(candidate.detect_arrays, spec["images"], gt, limit=spec.get("limit"),
                                  progress=progress)
     finally:
-        candidate.close()
+        if isinstance(runtime, str):
+            candidate.close()
     base_ap = fp32_baseline(model, candidate.resize, spec, gt, progress, log)
     delta = {k: round(ours.ap[k] - base_ap[k], 5) for k in ours.ap}
     log("AP " + ", ".join(f"{k} {ours.ap[k]:.4f} ({delta[k]:+.4f} vs fp32)" for k in ours.ap))

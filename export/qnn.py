@@ -33,7 +33,7 @@ from edgeface.export import onnx as onnx_export
 from edgeface.export.base import Conversion, ExportRequest, TargetOption, TargetSpec
 from edgeface.runtimes.qnn import EP_NAME, assignment, qnn_session
 
-from edgeface.core.errors import EdgefaceError, require
+from edgeface.core.errors import EdgefaceError, first_line, require
 from edgeface.core.manifest import OUTPUTS
 from edgeface.core.versions import library_versions
 
@@ -89,14 +89,16 @@ SPEC = TargetSpec(
                      choices=CALIBRATION_METHODS),
         TargetOption("percentile", f"with method percentile: the percentile (default {DEFAULT_PERCENTILE})"),
         TargetOption("per_channel", "int8 per-channel symmetric weights (default true) or uint8 per-tensor",
-                     default=True),
+                     default=True, choices=(True, False)),
         TargetOption("allow_fallback", "accept nodes the NPU does not take, run on the CPU and named in "
-                     "target_info.placement (default false: such a graph fails the export)", default=False),
+                     "target_info.placement (default false: such a graph fails the export)", default=False,
+                     choices=(True, False)),
     ),
     extra="qnn",
     runtime="qnn",
     libraries=("torch", "onnx", "onnxsim", "onnxruntime", "onnxruntime-qnn"),
     bench=(("int8", (640, 640)),),
+    bench_limit=50,  # the x86 HTP emulator takes seconds per 640x640 image
 )
 
 
@@ -139,7 +141,11 @@ def float_model(model: torch.nn.Module, input_hw: tuple[int, int], folder: Path)
     checks["constants_to_initializers"] = True
     src, prepared = folder / "float.onnx", folder / "prepared.onnx"
     onnx.save(simplified, src)
-    if preprocess.qnn_preprocess_model(str(src), str(prepared)):
+    try:
+        changed = preprocess.qnn_preprocess_model(str(src), str(prepared))
+    except Exception as exc:  # onnxruntime's graph fusions: ValueError, onnx errors
+        raise EdgefaceError(f"onnxruntime's QNN pre-processing failed on the model: {first_line(exc)}") from None
+    if changed:
         src = prepared
         checks["qnn_preprocess"] = "changed the graph"
     else:
@@ -262,7 +268,10 @@ def check_context(model: Path, context: Path, soc: dict[str, Any], allow_fallbac
     outputs = []
     for path in (model, context):
         session = qnn_session(path, soc=soc, allow_fallback=allow_fallback)
-        outputs.append(session.run(list(OUTPUTS), {"input": image}))
+        try:
+            outputs.append(session.run(list(OUTPUTS), {"input": image}))
+        except Exception as exc:  # onnxruntime's Fail / RuntimeException from the HTP backend
+            raise EdgefaceError(f"the QNN execution provider could not run {path.name}: {first_line(exc)}") from None
         del session
     diff = {name: float(np.abs(a - b).max()) for name, a, b in zip(OUTPUTS, *outputs)}
     # The same compiled graph: any difference means the binary is not the model it claims to be.
@@ -270,6 +279,18 @@ def check_context(model: Path, context: Path, soc: dict[str, Any], allow_fallbac
         raise EdgefaceError(f"the QNN context binary's outputs differ from the QDQ model's on the HTP by "
                             f"{max(diff.values()):.3g}")
     return {"max_abs_diff_vs_model": diff, "image": "the first calibration image"}
+
+
+def _percentile(value: Any, method: str) -> float:
+    """The ``percentile`` option: only with method percentile, a number in (90, 100]."""
+    if value is None:
+        return DEFAULT_PERCENTILE
+    if method != "percentile":
+        raise EdgefaceError(f"option 'percentile' is for method 'percentile', not {method!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 90 < value <= 100:
+        raise EdgefaceError(f"option 'percentile' {value!r}: give a number above 90 and at most 100 (default "
+                            f"{DEFAULT_PERCENTILE})")
+    return float(value)
 
 
 def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Conversion:
@@ -280,19 +301,29 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
     soc_name = options.get("soc_model", DEFAULT_SOC)
     soc = {"name": soc_name, "soc_model": SOCS[soc_name][0], "htp_arch": SOCS[soc_name][1]}
     bits = int(options.get("activation_bits", 8))
-    allow_fallback = bool(options.get("allow_fallback", False))
+    allow_fallback = options.get("allow_fallback", False)  # a boolean: checked against the option's choices
+    method = options.get("method", "minmax")
+    percentile = _percentile(options.get("percentile"), method)
+    wide = options.get("int16_activations", INT16_ACTIVATIONS)
+    wide = (wide,) if isinstance(wide, str) else tuple(wide or ())
     if request.input_hw is None:  # the pipeline refuses --dynamic for a static-only target first
         raise EdgefaceError(f"the qnn target takes fixed sizes only: {SPEC.static_only}")
     with tempfile.TemporaryDirectory(prefix="edgeface-qnn-") as tmp:
         src, checks = float_model(model, request.input_hw, Path(tmp))
-        calibration = quantize(src, out_dir / MODEL_FILE, request.calibration, activation_bits=bits,
-                               method=options.get("method", "minmax"),
-                               per_channel=bool(options.get("per_channel", True)),
-                               percentile=float(options.get("percentile", DEFAULT_PERCENTILE)),
-                               int16_activations=tuple(options.get("int16_activations", INT16_ACTIVATIONS)))
+        try:
+            calibration = quantize(src, out_dir / MODEL_FILE, request.calibration, activation_bits=bits,
+                                   method=method, per_channel=options.get("per_channel", True),
+                                   percentile=percentile, int16_activations=wide)
+        except EdgefaceError:
+            raise
+        except Exception as exc:  # onnxruntime's quantiser: ValueError, RuntimeError, onnx errors
+            raise EdgefaceError(f"onnxruntime could not quantise the model for QNN: {first_line(exc)}") from None
     calibration["source"] = request.calibration_source
     proto = onnx.load(out_dir / MODEL_FILE)
-    onnx.checker.check_model(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # onnx.checker.ValidationError
+        raise EdgefaceError(f"the quantised QNN model is not valid ONNX: {first_line(exc)}") from None
     operators = sorted({n.op_type for n in proto.graph.node})
     where = placement(out_dir / MODEL_FILE, soc, allow_fallback)
     context = compile_context(out_dir / MODEL_FILE, out_dir / CONTEXT_FILE, soc, allow_fallback)

@@ -44,11 +44,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from edgeface.export.base import DEFAULT_IMGSZ, Conversion, ExportRequest, TargetOption, TargetSpec, level_errors
+from edgeface.export.base import (
+    DEFAULT_IMGSZ,
+    Conversion,
+    ExportRequest,
+    TargetOption,
+    TargetSpec,
+    binding_photos,
+    choose_outputs,
+    level_errors,
+)
 from edgeface.runtimes.tflite import load_interpreter
 
 from edgeface.core.errors import EdgefaceError, require
-from edgeface.core.images import ASTRONAUT, load_image
 from edgeface.core.manifest import OUTPUTS
 from edgeface.core.processing import ResizePolicy, dequantize, level_slices, preprocess, quantize
 from edgeface.core.versions import library_versions
@@ -252,11 +260,9 @@ def _reference_inputs(model, request: ExportRequest) -> list[tuple[str, np.ndarr
     """Real pre-processed images (NCHW) for the output check: the bundled photo, a crop of it in which the face
     fills the frame (so that the coarsest anchor level sees a face too) and the first few calibration images."""
 
-    photo = load_image(ASTRONAUT)
-    face = photo[40:200, 145:305]  # the astronaut's face, about 90 x 115 pixels, with a margin
     policy = ResizePolicy("fixed", request.input_hw)
     inputs = [(name, preprocess([image], policy=policy, mean_bgr=model.config.mean_bgr)[0])
-              for name, image in (("edgeface/assets/astronaut.jpg", photo), ("astronaut.jpg face crop", face))]
+              for name, image in binding_photos()]
     inputs += [(f"calibration image {i}", x) for i, x in enumerate(request.calibration[:MAPPING_CALIBRATION_IMAGES])]
     return inputs
 
@@ -293,35 +299,20 @@ def map_outputs(model_content: bytes, model, request: ExportRequest, *, strict: 
     signature, signature_keys = _signature_keys(interpreter)
     levels = level_slices(request.input_hw, model.config.anchors)
     tolerance = MAPPING_TOLERANCE[request.precision]
+    by_name = {d["name"]: (d, stacked[int(d["index"])]) for d in outputs}  # tensor names: unique, and readable
+    pairs = [(name, key) for name in OUTPUTS for key, (_, values) in by_name.items()
+             if values.shape[1:] == reference[name].shape[1:]]
+    errors = {(n, k): level_errors(by_name[k][1], reference[n], levels) for n, k in pairs}
+    max_abs = {(n, k): float(np.abs(by_name[k][1] - reference[n]).max()) for n, k in pairs}
+    chosen, report = choose_outputs(errors, max_abs, tolerance=tolerance, strict=strict, what="TFLite",
+                                    outputs={d["name"]: [int(s) for s in d["shape"]] for d in outputs})
     mapping: dict[str, Any] = {}
-    report: dict[str, Any] = {}
-    used: set[int] = set()
-    for name in OUTPUTS:
-        ref = reference[name]
-        scored = []
-        for detail in outputs:
-            index = int(detail["index"])
-            if index in used or tuple(stacked[index].shape[1:]) != ref.shape[1:]:
-                continue
-            per_level = level_errors(stacked[index], ref, levels)
-            scored.append((max(per_level.values()), per_level, detail))
-        if not scored:
-            shapes = {d["name"]: [int(s) for s in d["shape"]] for d in outputs}
-            raise EdgefaceError(f"no TFLite output has the shape of PyTorch's {name!r} {list(ref.shape[1:])} "
-                                f"(outputs: {shapes}); the conversion is not usable")
-        worst, per_level, detail = min(scored, key=lambda s: s[0])
-        if worst > tolerance and strict:
-            raise EdgefaceError(
-                f"no TFLite output reproduces PyTorch's {name!r} on real images (closest: {detail['name']!r}, error "
-                f"per anchor stride {', '.join(f'{k}: {v:.3g}' for k, v in per_level.items())}; tolerance "
-                f"{tolerance}, a scrambled output gives ~1.4): the converter produced a wrong or scrambled output; "
-                "nothing was written")
-        used.add(int(detail["index"]))
-        mapping[name] = {"index": int(detail["index"]), "name": detail["name"], "dtype": _dtype(detail),
+    for name, key in chosen.items():
+        detail = by_name[key][0]
+        index = int(detail["index"])
+        mapping[name] = {"index": index, "name": detail["name"], "dtype": _dtype(detail),
                          "shape": [int(s) for s in detail["shape"]], "quantization": _quantization(detail),
-                         "position": outputs.index(detail), "signature_key": signature_keys.get(int(detail["index"]))}
-        report[name] = {"error_by_stride": {str(k): float(f"{v:.3g}") for k, v in per_level.items()},
-                        "max_abs_diff": float(f"{np.abs(stacked[int(detail['index'])] - ref).max():.3g}")}
+                         "position": outputs.index(detail), "signature_key": signature_keys.get(index)}
     worst = max(max(r["error_by_stride"].values()) for r in report.values())
     check = {"status": "passed" if worst <= tolerance else "failed", "images": [n for n, _ in inputs],
              "metric": "per anchor level RMS difference / reference spread", "tolerance": tolerance,

@@ -27,6 +27,7 @@ RUNTIMES = (
     "edgeface.runtimes.openvino:OpenVINORuntime",
     "edgeface.runtimes.executorch:ExecuTorchRuntime",
     "edgeface.runtimes.qnn:QnnRuntime",
+    "edgeface.runtimes.rknn:RknnRuntime",
 )
 # Options every runtime accepts (device is checked against each runtime's ``devices``; threads is ignored by
 # runtimes without a CPU thread setting).

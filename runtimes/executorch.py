@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ from edgeface.core.manifest import OUTPUTS
 from edgeface.core.processing import INPUT_MULTIPLE
 
 METHOD = "forward"
-OUTPUT_WIDTH = {"loc": 4, "conf": 2, "landmarks": 10}
 # ExecuTorch ScalarType codes (executorch/runtime/core/portable_type/scalar_type.h) of the dtypes a bundle states.
 SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64"}
 # One thread pool per process (XNNPACK's): its size is set, and methods run, one at a time across all runtimes.
@@ -65,13 +65,18 @@ def load_program(path: str | Path):
                                 "damaged or not an ExecuTorch program: re-export the bundle") from None
 
 
+# Methods loaded and not yet garbage-collected: the thread pool cannot be resized under them.
+_LOADED: weakref.WeakSet = weakref.WeakSet()
+
+
 class LoadedMethod:
     """A program's ``forward`` method together with its program: the bindings' Method does not keep its Program
     alive, and executing a method whose program was freed crashes inside the XNNPACK backend (seen here as a
     general protection fault, and before that as NaN outputs), so both live and die together."""
 
     def __init__(self, path: str | Path, *, source: str | None = None) -> None:
-        where = source or str(path)
+        where = self.where = source or str(path)
+        _LOADED.add(self)  # from here on the thread pool stays as it is (set_threads)
         self.program = load_program(path)
         names = sorted(self.program.method_names)
         if METHOD not in names:
@@ -87,10 +92,22 @@ class LoadedMethod:
 
     @property
     def metadata(self):
+        """The bindings' MethodMeta: the method's input and output tensors (sizes, dtypes)."""
         return self.method.metadata
 
-    def execute(self, inputs):
-        return self.method.execute(inputs)
+    def execute(self, inputs: list[Any]) -> list[Any]:
+        """Run ``forward`` on ``inputs`` (torch tensors, NCHW float32); returns its output tensors, positional.
+        A failure (a size the program was not exported for, a kernel error) is one EdgefaceError line with the
+        runtime's own message, which it logs natively (captured)."""
+        with tempfile.TemporaryFile() as log:
+            try:
+                with captured_output(log):
+                    return self.method.execute(inputs)
+            except Exception as exc:  # RuntimeError with a native error code
+                log.seek(0)
+                said = [line.strip() for line in log.read().decode(errors="replace").splitlines() if line.strip()]
+                raise EdgefaceError(f"the ExecuTorch runtime failed to run {self.where} ({first_line(exc)}"
+                                    f"{': ' + said[0][:200] if said else ''})") from None
 
 
 def _tensor(info) -> dict[str, Any]:
@@ -106,10 +123,17 @@ def describe_method(method) -> dict[str, Any]:
 
 
 def set_threads(threads: int | None) -> int:
-    """Size ExecuTorch's process-wide thread pool (``threads``; None leaves it); returns its size."""
+    """Size ExecuTorch's process-wide thread pool (``threads``; None leaves it); returns its size. Raises
+    EdgefaceError when a method is loaded under another size: resetting the pool under a loaded XNNPACK method
+    crashes the process at its next run (executorch 1.5.1, measured: a segmentation fault)."""
     _, bindings = _bindings()
     with _LOCK:
-        if threads and threads != bindings._threadpool_get_thread_count():
+        current = bindings._threadpool_get_thread_count()
+        if threads and threads != current and _LOADED:
+            raise EdgefaceError(f"ExecuTorch has one thread pool per process, of {current} threads, in use by "
+                                f"{len(_LOADED)} open ExecuTorch method(s): open this bundle with threads={current}, "
+                                "or close the others first")
+        if threads and threads != current:
             with tempfile.TemporaryFile() as log, captured_output(log):  # "Resetting threadpool to N threads."
                 bindings._unsafe_reset_threadpool(int(threads))
         return int(bindings._threadpool_get_thread_count())
@@ -148,10 +172,11 @@ class ExecuTorchRuntime(Runtime):
         import torch  # the bindings' tensors; installed with executorch (its dependency)
 
         self._torch = torch
+        # before the method loads: XNNPACK keeps the pool of its load, and one reset under it crashes (measured)
+        self.threads = set_threads(threads)
         self.method = LoadedMethod(bundle.file(), source=f"bundle {self.source}")
         self.meta = describe_method(self.method)
         self.positions = self._check_model()
-        self.threads = set_threads(threads)
         self.threads_requested = threads
 
     def _check_model(self) -> dict[str, int]:
@@ -187,7 +212,7 @@ class ExecuTorchRuntime(Runtime):
                                     f"{position!r}, not an output of the program (0-{len(outputs) - 1}); "
                                     "re-export the bundle")
             actual = outputs[position]
-            expected = [1, priors, OUTPUT_WIDTH[spec.name]]
+            expected = [1, priors, spec.shape[-1]]
             if actual["dtype"] != spec.dtype or actual["sizes"] != expected:
                 raise EdgefaceError(f"bundle {self.source}: manifest field outputs[{index}] ({spec.name!r}, output "
                                     f"{position}) is {spec.dtype} {expected}, but the program's output {position} "
@@ -216,9 +241,9 @@ class ExecuTorchRuntime(Runtime):
                     raise EdgefaceError(f"the executorch runtime expects NCHW input of shape (N, 3, {shape[2]}, "
                                         f"{shape[3]}), got {name} {value}")
             else:
-                low, _, high = dynamic[name]
-                if not low <= value <= high:
-                    raise EdgefaceError(f"bundle {self.source} takes input {name}s {low}-{high} (its memory is "
+                high = dynamic[name][2]  # smaller sides are padded up to the program's sizes (infer)
+                if not 1 <= value <= high:
+                    raise EdgefaceError(f"bundle {self.source} takes input {name}s up to {high} (its memory is "
                                         f"planned for at most {high}), got {value}: use a resize that scales down "
                                         f"(--resize max:{high})")
 
@@ -239,11 +264,12 @@ class ExecuTorchRuntime(Runtime):
             if keep is not None:
                 item = np.pad(item, ((0, 0), (0, padded[0] - height), (0, padded[1] - width)))
             x = self._torch.from_numpy(np.ascontiguousarray(item[None], dtype=np.float32))
-            with _LOCK:
+            with _LOCK:  # copies taken under the lock: the outputs may live in the program's planned buffers
                 outputs = self.method.execute([x])
-            for name in OUTPUTS:  # copies: the program's planned output buffers are reused by the next call
-                value = outputs[self.positions[name]].numpy()
-                results[name].append((value[:, keep] if keep is not None else value).astype(np.float32, copy=True))
+                for name in OUTPUTS:
+                    value = outputs[self.positions[name]].numpy()
+                    results[name].append((value[:, keep] if keep is not None else value).astype(np.float32,
+                                                                                             copy=True))
         return {name: np.concatenate(parts) if len(parts) > 1 else parts[0] for name, parts in results.items()}
 
     def describe(self) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """ncnn bundles (``model.ncnn.param`` graph + ``model.ncnn.bin`` weights) in Tencent's ``ncnn`` Python package (no
-PyTorch): on the CPU (ARM NEON, x86 AVX2), or on a Vulkan GPU (``device="vulkan"``) where ncnn finds one.
+PyTorch): on the CPU (ARM NEON, x86 AVX2), or on a Vulkan GPU (``device="vulkan"``) where ncnn finds one (ncnn
+itself runs any layer without a Vulkan kernel on the CPU, without a message; every layer of this model has one in
+ncnn 1.0.20261020, but a device's driver is not checked here).
 
 - Input: an ncnn Mat is one CHW image (no batch dimension), so a batch (N, 3, H, W) float32, mean subtracted, runs
   image after image, each in an Extractor of its own.
@@ -30,8 +32,6 @@ from edgeface.core.errors import EdgefaceError, require
 from edgeface.core.files import captured_output
 from edgeface.core.manifest import OUTPUTS
 
-# Columns per prior of each output (OUTPUT_MEANINGS in edgeface.core.manifest).
-COLUMNS = {"loc": 4, "conf": 2, "landmarks": 10}
 # The input of the check run at open for a dynamic bundle: small, so that opening costs little (a multiple of the
 # largest anchor step, 32).
 PROBE_HW = (64, 64)
@@ -156,6 +156,7 @@ class NcnnRuntime(Runtime):
                                 f"manifest's input is {spec.dtype} {spec.layout} {spec.shape}; re-export the bundle")
         self.input_blob = info["input_blob"]
         self.output_blobs = {name: blobs[name] for name in OUTPUTS}
+        self.columns = {spec.name: spec.shape[-1] for spec in self.manifest.outputs}  # values per prior
         self.static_hw = tuple(spec.shape[2:]) if all(isinstance(s, int) for s in spec.shape[2:]) else None
         self.fp16 = self.manifest.precision == "fp16" if fp16_compute is None else fp16_compute
         files = bundle.manifest.files
@@ -186,11 +187,11 @@ class NcnnRuntime(Runtime):
         outputs = run_net(self.net, self.input_blob, image, self.output_blobs)
         priors = self.manifest.anchors.num_priors(tuple(image.shape[1:]))
         for name, value in outputs.items():
-            if value.shape != (priors, COLUMNS[name]):
+            if value.shape != (priors, self.columns[name]):
                 raise EdgefaceError(
                     f"blob {self.output_blobs[name]!r}, bound to {name!r} by the manifest, gives shape "
                     f"{list(value.shape)} for a {image.shape[1]}x{image.shape[2]} input, expected "
-                    f"[{priors}, {COLUMNS[name]}]")
+                    f"[{priors}, {self.columns[name]}]")
         return outputs
 
     @classmethod

@@ -178,7 +178,11 @@ class QnnRuntime(OnnxRuntime):
         for start in range(0, len(batch), step):
             rows = np.ascontiguousarray(batch[start:start + step], dtype=np.float32)
             with self.lock:  # see `concurrent`
-                outputs = self.session.run(list(OUTPUTS), {self.input_name: rows})
+                try:
+                    outputs = self.session.run(list(OUTPUTS), {self.input_name: rows})
+                except Exception as exc:  # onnxruntime Fail / InvalidArgument from the HTP backend
+                    raise EdgefaceError(f"the QNN execution provider failed to run {self.source}: "
+                                        f"{first_line(exc)}") from None
             for name, out in zip(OUTPUTS, outputs):
                 results[name].append(out.astype(np.float32, copy=False))
         return {name: np.concatenate(parts) if len(parts) > 1 else parts[0] for name, parts in results.items()}

@@ -94,13 +94,17 @@ def test_merge_refuses_other_files(tmp_path):
 def test_bench_all_exports_and_benches_every_local_target(tmp_path, wider_images, wider_gt, capsys):
     pytest.importorskip("litert_torch", reason="needs every extra: pip install edgeface[all]")
     pytest.importorskip("coremltools", reason="needs every extra: pip install edgeface[all]")
+    for module in ("openvino", "nncf", "pnnx", "ncnn", "executorch", "onnxruntime_qnn"):
+        pytest.importorskip(module, reason="needs every extra: pip install edgeface[all]")
     assert main(["bench", "--all", "--data", str(wider_images), "--gt", str(wider_gt), "--limit", "2",
                  "--sizes", "vga", "--warmup", "1", "--iters", "2", "--calib-n", "4", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "bench.json").read_text())
     status = {r["name"]: r["status"] for r in record["results"]}
     assert status["torch-fp32-dynamic"] == "ok"
     for name in ("onnx-fp32-dynamic", "onnx-fp16-dynamic", "onnx-int8-dynamic", "tflite-fp32-640x640",
-                 "tflite-fp16-640x640", "tflite-int8-640x640"):
+                 "tflite-fp16-640x640", "tflite-int8-640x640", "openvino-fp16-dynamic", "openvino-fp32-dynamic",
+                 "openvino-int8-dynamic", "ncnn-fp16-dynamic", "ncnn-fp32-dynamic", "executorch-fp32-640x640",
+                 "executorch-int8-640x640", "qnn-int8-640x640"):
         assert status[name] == "ok", name
     by_name = {r["name"]: r for r in record["results"]}
     assert by_name["onnx-fp32-dynamic"]["accuracy"]["delta_ap"]["hard"] == pytest.approx(0, abs=1e-3)

@@ -13,7 +13,8 @@ def test_every_profile_loads_and_is_valid():
     boards = {b.name: b for b in list_boards()}
     assert set(boards) == {"jetson-orin-nano", "jetson-nano", "raspberry-pi-4", "raspberry-pi-5", "android-arm64",
                            "iphone", "x86-avx2-laptop", "x86-nvidia-server", "intel-core-ultra", "intel-nuc-cpu",
-                           "android-arm64-executorch", "raspberry-pi-5-ncnn", "snapdragon-8-gen-3", "qualcomm-iq-9075"}
+                           "android-arm64-executorch", "raspberry-pi-5-ncnn", "snapdragon-8-gen-3", "qualcomm-iq-9075",
+                           "rock-5b-rk3588", "luckfox-rv1106"}
     assert boards["jetson-nano"].target == "tensorrt" and boards["jetson-nano"].options == {"opset": 13}
     assert boards["snapdragon-8-gen-3"].options == {"soc_model": "SM8650", "activation_bits": 8}
     assert boards["qualcomm-iq-9075"].options["soc_model"] == "QCS9100"

@@ -87,7 +87,9 @@ def test_runtime_threads_sizes_and_device(fp32):
     assert {k: v.shape for k, v in out.items()} == {"loc": (2, priors, 4), "conf": (2, priors, 2),
                                                     "landmarks": (2, priors, 10)}
     assert np.allclose(out["conf"].sum(-1), 1.0, atol=1e-5)
-    with pytest.raises(EdgefaceError, match=r"takes input heights 32-2048 .* got 2080"):
+    small = runtime.infer(np.zeros((1, 3, 20, 40), np.float32))  # under 32: padded, cut back to 20x40's priors
+    assert small["loc"].shape == (1, 2 * (3 * 5 + 2 * 3 + 1 * 2), 4)
+    with pytest.raises(EdgefaceError, match=r"takes input heights up to 2048 .* got 2080"):
         runtime.infer(np.zeros((1, 3, 2080, 32), np.float32))
     with pytest.raises(EdgefaceError, match="NCHW batch with 3 channels"):
         runtime.infer(np.zeros((1, 64, 64, 3), np.float32))
@@ -190,8 +192,10 @@ def test_a_failed_export_writes_nothing(tmp_path, monkeypatch, calib_dir):
     with pytest.raises(EdgefaceError, match="INT8 bundles only"):
         export_bundle("executorch", precision="fp32", imgsz=SIZE, options={"keep_float": ["heads"]},
                       out=tmp_path / "b", progress=False)
-    with pytest.raises(EdgefaceError, match="INT8 programs are exported per input size"):
-        export_bundle("executorch", precision="int8", dynamic=True, calib=calib_dir, calib_n=2, out=tmp_path / "e",
+    # refused from the spec, before any calibration image is read (a folder that does not exist is not reached)
+    with pytest.raises(EdgefaceError, match=r"--dynamic is not available for executorch int8: ExecuTorch INT8 "
+                                            "programs are exported per input size"):
+        export_bundle("executorch", precision="int8", dynamic=True, calib=tmp_path / "absent", out=tmp_path / "e",
                       progress=False)
     with pytest.raises(EdgefaceError, match="unknown precision for executorch 'fp16'"):
         export_bundle("executorch", precision="fp16", out=tmp_path / "c", progress=False)
@@ -216,3 +220,25 @@ def test_missing_executorch_says_how_to_install(monkeypatch, tmp_path, fp32):
     monkeypatch.setitem(sys.modules, "executorch.runtime", None)
     with pytest.raises(EdgefaceError, match=r"running ExecuTorch bundles .*pip install edgeface\[executorch\]"):
         ExecuTorchRuntime.open(fp32)
+
+
+def test_threads_set_in_a_fresh_process_then_run(fp32, astronaut_path):
+    """The thread pool is sized before the method loads: resized under a loaded XNNPACK method, the next run
+    crashed the process (a segmentation fault, found by `edgeface bench`, which opens with one thread)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from edgeface import Detector; "
+            "d = Detector(model=sys.argv[1], threads=1, self_check=False); "
+            "print(len(d.detect(sys.argv[2])), d.runtime.describe()['threads'])")
+    done = subprocess.run([sys.executable, "-c", code, str(fp32.path), str(astronaut_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1", "1"]
+    # a second size under a loaded method is refused in one line, not a crash
+    first = ExecuTorchRuntime.open(fp32, threads=1)
+    try:
+        with pytest.raises(EdgefaceError, match="one thread pool per process, of 1 threads"):
+            ExecuTorchRuntime.open(fp32, threads=2)
+    finally:
+        first.close()

@@ -192,7 +192,9 @@ def test_output_check_catches_a_scrambled_level(bundles):
     """A level whose priors come out in another order (what onnx2tf does at 640x640) is far above every
     tolerance; a wrong network altogether is refused by the mapping."""
     import torch
+    from edgeface.export.base import level_errors
 
+    from edgeface.core.processing import level_slices
     from edgeface.models import get_model
 
     model = get_model("retinaface_mnet025", weights="default")
@@ -200,11 +202,11 @@ def test_output_check_catches_a_scrambled_level(bundles):
     (_, x), (_, crop) = tflite._reference_inputs(model, request)
     with torch.inference_mode():
         landmarks = model(torch.from_numpy(np.concatenate([x, crop])))[2].numpy()
-    levels = tflite._level_slices(model, SIZE)
+    levels = level_slices(SIZE, model.config.anchors)
     scrambled = landmarks.copy()
     rows = levels[2][1]
     scrambled[:, rows] = scrambled[:, rows][:, np.random.default_rng(0).permutation(rows.stop - rows.start)]
-    errors = tflite.level_errors(scrambled, landmarks, levels)
+    errors = level_errors(scrambled, landmarks, levels)
     assert errors[8] == errors[16] == 0.0 and errors[32] > 2 * max(tflite.MAPPING_TOLERANCE.values())
 
     content = bundles("fp32").file().read_bytes()

@@ -178,7 +178,8 @@ def test_a_spec_that_contradicts_itself_is_refused():
     TargetSpec(**base)
     for bad in ({"calibrated": ("int8",)}, {"bench": (("fp16", None),)}, {"precisions": ()},
                 {"static_only": "fixed sizes", "bench": (("fp32", None),)},
-                {"options": (TargetOption("a", "h"), TargetOption("a", "h"))}):
+                {"options": (TargetOption("a", "h"), TargetOption("a", "h"))}, {"bench_limit": 0},
+                {"bench_limit": True}):
         with pytest.raises(ValueError, match="target spec 'x'"):
             TargetSpec(**{**base, **bad})
 
@@ -317,3 +318,32 @@ def test_the_cli_gives_only_the_options_the_user_gave(monkeypatch, tmp_path):
     main(["export", "--board", jetson.name, "--target", "tflite", "--out", str(tmp_path / "b")])
     main(["export", "--board", jetson.name, "--out", str(tmp_path / "c")])
     assert [(t, o) for t, o, _ in seen] == [("tflite", None), (jetson.target, jetson.options["opset"])]
+
+
+def test_bench_all_caps_emulated_targets(monkeypatch, tmp_path):
+    """A target whose runtime here is an emulator (bench_limit: QNN's HTP) gets AP on at most that many images and
+    few timed runs, said in the row's reason; other targets keep the run's --limit and runs."""
+    import edgeface.benchmarks.matrix as matrix
+
+    class Exported:
+        path = tmp_path
+
+        def model_bytes(self):
+            return 1
+
+    seen = {}
+    monkeypatch.setattr(matrix, "export_bundle", lambda target, **kwargs: Exported())
+
+    def fake_bench(make, *, data=None, warmup=5, iters=50, progress=True, **_):
+        seen.setdefault("calls", []).append({"limit": data and data["limit"], "warmup": warmup, "iters": iters})
+        return [{"name": "x", "status": "ok"}]
+
+    monkeypatch.setattr(matrix, "bench", fake_bench)
+    rows = matrix.bench_all(lambda path: None, out=tmp_path, progress=False, sizes={"vga": (480, 640)},
+                            data={"images": tmp_path, "gt": tmp_path, "limit": 0}, warmup=5, iters=50)
+    calls = dict(zip(["torch"] + [f"{t}-{p}" for t, p, _ in matrix.all_artifacts()], seen["calls"]))
+    cap = get_spec("qnn").bench_limit
+    assert cap and calls["qnn-int8"] == {"limit": cap, "warmup": 1, "iters": matrix.EMULATED_ITERS}
+    assert calls["onnx-int8"] == {"limit": 0, "warmup": 5, "iters": 50}
+    qnn_row = next(r for r in rows if r.get("target") == "qnn")
+    assert f"at most {cap} images" in qnn_row["reason"]

@@ -151,3 +151,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_npu_placement_and_cpu_fallback_are_in_the_table():
+    on_npu = {**_result("qnn-int8-640x640", 900.0, -0.004), "target": "qnn",
+              "runtime": {"runtime": "qnn", "placement": {"npu_nodes": 487, "total_nodes": 487, "cpu_fallback": []}}}
+    fallback = {**on_npu, "name": "qnn-fallback", "runtime": {"runtime": "qnn", "placement": {
+        "npu_nodes": 480, "total_nodes": 487, "cpu_fallback": [f"Resize /fpn/Resize_{i}" for i in range(7)]}}}
+    cpu = _result("onnx-int8-dynamic", 20.0, -0.0002)
+    by_name = {r["artifact"]: r for r in rows(_record(1, results=[on_npu, fallback, cpu]))}
+    assert by_name["qnn-int8-640x640"]["placement"] == "NPU 487/487"
+    assert by_name["qnn-fallback"]["placement"] == ("NPU 480/487; CPU fallback: Resize /fpn/Resize_0, "
+                                                    "Resize /fpn/Resize_1, Resize /fpn/Resize_2 and 4 more")
+    assert by_name["onnx-int8-dynamic"]["placement"] == ""
+    assert "CPU fallback: Resize /fpn/Resize_0" in to_markdown(rows(_record(1, results=[fallback])))

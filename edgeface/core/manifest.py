@@ -26,6 +26,8 @@ MANIFEST = "manifest.json"
 
 # The raw outputs every runtime returns, by these names, in this order (a manifest maps them to its tensors).
 OUTPUTS = ("loc", "conf", "landmarks")
+# Values per prior of each output (its last dimension): box offsets, two class scores, five (x, y) landmarks.
+OUTPUT_COLUMNS = {"loc": 4, "conf": 2, "landmarks": 10}
 OUTPUT_MEANINGS = {
     "loc": "box offsets per prior (dx, dy, dw, dh) in the SSD coding with variance; decode with the anchors",
     "conf": "per prior [background, face] probabilities (softmax applied in the graph)",
@@ -255,7 +257,7 @@ def _output_problem(m: dict[str, Any]) -> str | None:
     if sorted(names) != sorted(OUTPUT_MEANINGS):
         return f"field outputs names {names}, expected loc, conf and landmarks once each"
     for index, out in enumerate(m["outputs"]):
-        k = {"loc": 4, "conf": 2, "landmarks": 10}[out["name"]]
+        k = OUTPUT_COLUMNS[out["name"]]
         if out["shape"][2] != k:
             return f"field outputs[{index}].shape[2] is {_short(out['shape'][2])}, expected {k} for {out['name']}"
     return None
@@ -385,13 +387,25 @@ def _target_info_problem(m: dict[str, Any]) -> str | None:
         return _executorch_problem(m, info)
     if m["target"] == "qnn":
         return _qnn_problem(m, info)
+    if m["target"] == "rknn":
+        return _rknn_problem(m, info)
     return None
 
 
-def _qnn_problem(m: dict[str, Any], info: dict[str, Any]) -> str | None:
-    """The NPU share is what the node counts say, every node off the NPU is named, and a context file is the one
-    target_info.context describes, compiled for target_info.soc."""
-    place = info["placement"]
+def _rknn_problem(m: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """The runtime feeds float32 NHWC and reads the outputs in ``output_order``; the NPU share is what the operator
+    counts say, every operator off the NPU named."""
+    if m["input"]["layout"] != "NHWC" or m["input"]["dtype"] != "float32":
+        return (f"field input is {m['input']['dtype']} {m['input']['layout']}, but an rknn bundle's runtime feeds "
+                "float32 NHWC")
+    if sorted(info["output_order"]) != sorted(OUTPUTS):
+        return f"field target_info.output_order {info['output_order']}, expected loc, conf and landmarks once each"
+    return _placement_problem(info["placement"])
+
+
+def _placement_problem(place: dict[str, Any]) -> str | None:
+    """An NPU target's ``target_info.placement``: the share is what the counts say, and every node (operator) off
+    the NPU is named in ``cpu_fallback``."""
     if place["npu_nodes"] > place["total_nodes"]:
         return f"field target_info.placement.npu_nodes {place['npu_nodes']} exceeds total_nodes {place['total_nodes']}"
     share = place["npu_nodes"] / place["total_nodes"]
@@ -400,6 +414,15 @@ def _qnn_problem(m: dict[str, Any], info: dict[str, Any]) -> str | None:
     if len(place["cpu_fallback"]) != place["total_nodes"] - place["npu_nodes"]:
         return (f"field target_info.placement.cpu_fallback names {len(place['cpu_fallback'])} nodes, but "
                 f"{place['total_nodes'] - place['npu_nodes']} are not on the NPU")
+    return None
+
+
+def _qnn_problem(m: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """The NPU share is what the node counts say, every node off the NPU is named, and a context file is the one
+    target_info.context describes, compiled for target_info.soc."""
+    problem = _placement_problem(info["placement"])
+    if problem:
+        return problem
     context = info.get("context")
     if ("context" in m["files"]) != (context is not None):
         return "field target_info.context and files.context must be given together (the QNN context binary)"
@@ -550,7 +573,7 @@ def manifest_for_config(
     shape = [n, 3, h, w] if layout == "NCHW" else [n, h, w, 3]
     dtypes, quantization = output_dtypes or {}, output_quantization or {}
     outputs = [TensorSpec(name, dtypes.get(name, "float32"), [n, priors, k], "N,A,k", OUTPUT_MEANINGS[name],
-                          quantization.get(name)) for name, k in (("loc", 4), ("conf", 2), ("landmarks", 10))]
+                          quantization.get(name)) for name, k in OUTPUT_COLUMNS.items()]
     return Manifest(
         target=target,
         precision=precision,
