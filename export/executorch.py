@@ -8,7 +8,7 @@ takes a float32 NCHW tensor (BGR, mean subtracted by the caller) and returns thr
   weights, int8 per-tensor affine activations, HistogramObserver ranges from the calibration images), lowered to
   XNNPACK's quantised kernels. Option ``keep_float`` names the module paths left in float (``"heads"`` = the three
   output heads and the concatenation / softmax after them); the default is :data:`INT8_KEEP_FLOAT`, chosen by
-  measured WIDER FACE AP (module docstring of the measurements: README, ExecuTorch row).
+  measured WIDER FACE AP (README, "Choosing the INT8 recipes of the new targets").
 - Sizes: static (``--imgsz``), or, for fp32, ``--dynamic`` height / width (multiples of 32 from 32 to
   :data:`DYNAMIC_MAX` pixels, ``torch.export.Dim``): XNNPACK reshapes for each input, ExecuTorch plans its memory
   for the largest (about 225 MB at 2048x2048, measured). INT8 is static only (:data:`INT8_STATIC_REASON`). Batch 1.
@@ -70,7 +70,7 @@ MAPPING_TOLERANCE = {"fp32": 1e-3, "int8": 0.7}
 # Raw-output difference of a dynamic fp32 program from PyTorch at every checked size (measured: <= 3.2e-5).
 DYNAMIC_TOLERANCE = 1e-3
 # INT8: module paths kept in float by default ("heads": the output heads and what follows them), chosen by measured
-# WIDER FACE AP (README, "ExecuTorch").
+# WIDER FACE AP (README, "Choosing the INT8 recipes of the new targets").
 INT8_KEEP_FLOAT = ("heads", "body.stage1")
 INT8_LEAKY = "float"
 HEAD_MODULES = ("ClassHead", "BboxHead", "LandmarkHead")

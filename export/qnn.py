@@ -63,7 +63,8 @@ ACTIVATION_BITS = (8, 16)
 VARIANTS = {8: "w8a8", 16: "w8a16"}
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_PERCENTILE = 99.999
-# w8a8: activations kept in 16 bits (selectors of int16_tensors), chosen by measured WIDER FACE AP (README).
+# w8a8: activations kept in 16 bits (selectors of int16_tensors), chosen by measured WIDER FACE AP (README,
+# "Choosing the INT8 recipes of the new targets").
 INT16_ACTIVATIONS: tuple[str, ...] = ("/body/stage1/",)
 # ONNX opset of the float model. 16-bit activations need QuantizeLinear of opset 21, which the TorchScript exporter
 # does not write: below 21 the quantiser uses the com.microsoft Q/DQ operators, which the QNN EP takes.

