@@ -11,7 +11,7 @@ import os
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +96,10 @@ class TargetSpec:
     # The runtime that checks a fresh bundle on the export machine (parity, --eval) when ``runtime`` is a device's
     # (a TensorRT bundle's ONNX runs in onnxruntime); None: ``runtime``.
     verify_runtime: str | None = None
+    # preflight(precision, options), called before any work (model, calibration): raises EdgefaceError when the
+    # converter cannot run here or the request cannot be met, e.g. a toolchain that lives in its own environment
+    # (rknn-toolkit2). None: the converter checks and imports what it needs itself.
+    preflight: Callable[[str, dict[str, Any]], None] | None = None
     # `edgeface bench --all`: (precision, static input size or None for dynamic), exported and timed in this order.
     bench: tuple[tuple[str, tuple[int, int] | None], ...] = ()
     # `bench --all`: at most this many WIDER images for AP where this machine runs the artifact in an emulator

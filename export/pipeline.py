@@ -70,12 +70,15 @@ def export_bundle(
     opset = options.pop("opset", None) if opset is None else opset  # a request field, not a converter option
     options.pop("opset", None)
     check_options(target, {"opset": opset, **options})
+    if target_spec.preflight:  # a converter that cannot run here says so before any calibration
+        target_spec.preflight(precision, options)
     if opset is None:
         opset = target_spec.option("opset").default if target_spec.option("opset") else ExportRequest.opset
     if dynamic and target_spec.static_reason(precision):
         what = target if target_spec.static_only else f"{target} {precision}"
-        raise EdgefaceError(f"--dynamic is not available for {what}: {target_spec.static_reason(precision)}; use "
-                            "--imgsz HxW")
+        reason = target_spec.static_reason(precision)
+        raise EdgefaceError(f"--dynamic is not available for {what}: {reason}"
+                            + ("" if "--imgsz" in reason else "; use --imgsz HxW"))
     if dynamic and imgsz:
         raise EdgefaceError("give either --imgsz HxW or --dynamic, not both")
     input_hw = None if dynamic else tuple(imgsz or DEFAULT_IMGSZ)

@@ -81,6 +81,37 @@ INT8_KEEP_FLOAT: tuple[str, ...] = ("/body/stage1/",)
 IO_OPERATORS = ("InputOperator", "OutputOperator")
 WORST_LAYERS = 8  # layers of the accuracy analysis recorded in the manifest
 
+def import_toolkit():
+    """``rknn.api.RKNN``, or one line saying where rknn-toolkit2 lives."""
+    try:
+        from rknn.api import RKNN
+    except ImportError as exc:
+        raise EdgefaceError(
+            f"the rknn target needs {TOOLKIT} (Rockchip's converter and NPU simulator, x86-64 Linux wheels), which "
+            f"is not importable here ({exc}); it pins torch <= 2.4 and numpy <= 1.26.4, so it lives in its own "
+            "environment: run `edgeface export --target rknn` from .venv-rknn (made by scripts/test-rknn.sh, "
+            "constraints-rknn.txt)") from None
+    return RKNN
+
+
+def check_soc(precision: str, options: dict[str, Any]) -> str:
+    """The ``--soc`` of an export, refused in one line when unknown or unable to run ``precision``."""
+    soc = options.get("soc", DEFAULT_SOC)
+    if soc not in SOCS:
+        raise EdgefaceError(f"--soc {soc!r} is not supported: give {', '.join(SOCS)} (default {DEFAULT_SOC})")
+    if precision == "fp16" and not SOCS[soc]["fp16"]:
+        fp16 = ", ".join(name for name, chip in SOCS.items() if chip["fp16"])
+        raise EdgefaceError(f"--precision fp16 is not available for --soc {soc}: its NPU computes in int8 only; "
+                            f"export --precision int8 for it (fp16: {fp16})")
+    return soc
+
+
+def preflight(precision: str, options: dict[str, Any]) -> None:
+    """Before any work (the pipeline calls it first): the SoC and precision, then rknn-toolkit2 importable here."""
+    check_soc(precision, options)
+    import_toolkit()
+
+
 SPEC = TargetSpec(
     name="rknn",
     title="RKNN",
@@ -103,31 +134,13 @@ SPEC = TargetSpec(
     runtime="rknn",
     libraries=("torch", "onnx", "onnxsim", "onnxruntime", TOOLKIT),
     bench=(("int8", (640, 640)),),
+    preflight=preflight,
 )
-
-
-def import_toolkit():
-    """``rknn.api.RKNN``, or one line saying where rknn-toolkit2 lives."""
-    try:
-        from rknn.api import RKNN
-    except ImportError as exc:
-        raise EdgefaceError(
-            f"the rknn target needs {TOOLKIT} (Rockchip's converter and NPU simulator, x86-64 Linux wheels), which "
-            f"is not importable here ({exc}); it pins torch <= 2.4 and numpy <= 1.26.4, so it lives in its own "
-            "environment: run `edgeface export --target rknn` from .venv-rknn (made by scripts/test-rknn.sh, "
-            "constraints-rknn.txt)") from None
-    return RKNN
 
 
 def check_request(request: ExportRequest) -> str:
     """The SoC of ``request`` (refused in one line when it cannot run the precision); before any work."""
-    soc = request.options.get("soc", DEFAULT_SOC)
-    if soc not in SOCS:
-        raise EdgefaceError(f"--soc {soc!r} is not supported: give {', '.join(SOCS)} (default {DEFAULT_SOC})")
-    if request.precision == "fp16" and not SOCS[soc]["fp16"]:
-        fp16 = ", ".join(name for name, chip in SOCS.items() if chip["fp16"])
-        raise EdgefaceError(f"--precision fp16 is not available for --soc {soc}: its NPU computes in int8 only; "
-                            f"export --precision int8 for it (fp16: {fp16})")
+    soc = check_soc(request.precision, request.options)
     if request.input_hw is None:
         raise EdgefaceError(f"the rknn target takes fixed input sizes only: {SPEC.static_only}")
     if request.precision != "int8":

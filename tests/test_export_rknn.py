@@ -134,6 +134,22 @@ def test_fp16_on_an_int8_only_soc_is_refused_before_any_work(tmp_path, capsys):
 # --- everywhere (no toolkit needed) --------------------------------------------------------------------------------
 
 
+def test_without_the_toolkit_the_export_says_where_it_lives_before_any_work(tmp_path, capsys):
+    """Outside .venv-rknn the export stops at once (no model built, no calibration image read), naming the
+    environment; checked where rknn-toolkit2 is absent."""
+    try:
+        import rknn.api  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("rknn-toolkit2 is importable here: the refusal is for environments without it")
+    assert main(["export", "--target", "rknn", "--calib", str(tmp_path / "absent"), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "calibrating" not in err and "converting" not in err
+    assert err.strip().splitlines()[-1].startswith("edgeface: error: the rknn target needs rknn-toolkit2")
+    assert ".venv-rknn" in err and not (tmp_path / "b").exists()
+
+
 def test_a_bad_soc_is_refused_in_one_line(tmp_path, capsys):
     assert main(["export", "--target", "rknn", "--soc", "rk9999", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
