@@ -14,7 +14,7 @@ node, so a graph that would silently run partly on the CPU fails instead. A bund
 ``allow_fallback`` (its ``target_info.placement.cpu_fallback`` names the nodes) opens with fallback allowed, as
 does ``allow_fallback=True``; :meth:`QnnRuntime.describe` says which.
 
-On x86-64 the wheel's ``libQnnHtp.so`` emulates the HTP (bit-exact to the HTP's integer arithmetic, but seconds per
+On x86-64 the wheel's ``libQnnHtp.so`` emulates the HTP (Qualcomm's simulator of its integer arithmetic, seconds per
 640x640 image): the export's parity check and ``--eval`` run there. Its latency is not the device's.
 """
 
