@@ -94,7 +94,7 @@ def simplify(proto: onnx.ModelProto, input_hw: tuple[int, int] | None) -> onnx.M
     return simplified
 
 
-def _max_output_diff(a: onnx.ModelProto, b: onnx.ModelProto, input_hw: tuple[int, int] | None) -> float:
+def max_output_diff(a: onnx.ModelProto, b: onnx.ModelProto, input_hw: tuple[int, int] | None) -> float:
     import onnxruntime as ort
 
     h, w = input_hw or (480, 640)
@@ -126,8 +126,8 @@ def head_nodes(proto: onnx.ModelProto) -> list[str]:
     return sorted(keep)
 
 
-class _Reader:
-    """onnxruntime calibration data reader over pre-processed real images."""
+class CalibrationReader:
+    """onnxruntime calibration data reader over pre-processed real images (NCHW float32 batches fed as ``input``)."""
 
     def __init__(self, batches: tuple[np.ndarray, ...]) -> None:
         self._batches = iter(batches)
@@ -162,7 +162,7 @@ def to_int8(proto: onnx.ModelProto, calibration: tuple[np.ndarray, ...], *, meth
         # Its log chatter (a generic "consider pre-processing" advice on the root logger, which does not apply to
         # dynamic-shape models) is silenced with every converter's (edgeface.export.base.quiet).
         quantization.quantize_static(
-            str(src), str(dst), _Reader(calibration),
+            str(src), str(dst), CalibrationReader(calibration),
             quant_format=quantization.QuantFormat.QDQ,
             per_channel=True,
             activation_type=(quantization.QuantType.QInt8 if symmetric_activations
@@ -188,7 +188,7 @@ def build(model: torch.nn.Module, request: ExportRequest, *, symmetric_activatio
 
     proto = export_float(model, request.input_hw, request.dynamic_batch, request.opset)
     simplified = simplify(proto, request.input_hw)
-    checks = {"onnxsim_max_abs_diff": _max_output_diff(proto, simplified, request.input_hw),
+    checks = {"onnxsim_max_abs_diff": max_output_diff(proto, simplified, request.input_hw),
               "nodes_before_simplify": len(proto.graph.node), "nodes": len(simplified.graph.node)}
     if checks["onnxsim_max_abs_diff"] > 1e-3:
         raise EdgefaceError(f"onnxsim changed the model's outputs by {checks['onnxsim_max_abs_diff']:.2e}")

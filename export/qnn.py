@@ -103,17 +103,6 @@ SPEC = TargetSpec(
 )
 
 
-class _Reader:
-    """onnxruntime calibration data reader over the pipeline's pre-processed real images."""
-
-    def __init__(self, batches: tuple[np.ndarray, ...]) -> None:
-        self._batches = iter(batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {"input": batch}
-
-
 def float_model(model: torch.nn.Module, input_hw: tuple[int, int], folder: Path) -> tuple[Path, dict[str, Any]]:
     """The simplified float ONNX model prepared for the QNN quantiser (``qnn_preprocess_model``), saved in
     ``folder``; with onnxsim's check."""
@@ -122,7 +111,7 @@ def float_model(model: torch.nn.Module, input_hw: tuple[int, int], folder: Path)
     preprocess = require("onnxruntime.quantization.execution_providers.qnn", SPEC.extra, "QNN quantisation")
     proto = onnx_export.export_float(model, input_hw, False, OPSET)
     simplified = onnx_export.simplify(proto, input_hw)
-    checks = {"onnxsim_max_abs_diff": onnx_export._max_output_diff(proto, simplified, input_hw),
+    checks = {"onnxsim_max_abs_diff": onnx_export.max_output_diff(proto, simplified, input_hw),
               "nodes_before_simplify": len(proto.graph.node), "nodes": len(simplified.graph.node)}
     if checks["onnxsim_max_abs_diff"] > 1e-3:
         raise EdgefaceError(f"onnxsim changed the model's outputs by {checks['onnxsim_max_abs_diff']:.2e}")
@@ -194,7 +183,8 @@ def quantize(src: Path, dst: Path, calibration: tuple[np.ndarray, ...], *, activ
     weight_type = quantization.QuantType.QInt8 if per_channel else quantization.QuantType.QUInt8
     wide = int16_tensors(src, int16_activations) if activation_bits == 8 and int16_activations else []
     overrides = {name: [{"quant_type": quantization.QuantType.QUInt16}] for name in wide}
-    config = qnn.get_qnn_qdq_config(str(src), _Reader(calibration), calibrate_method=methods[method],
+    reader = onnx_export.CalibrationReader(calibration)
+    config = qnn.get_qnn_qdq_config(str(src), reader, calibrate_method=methods[method],
                                     activation_type=activation_type, weight_type=weight_type,
                                     per_channel=per_channel, init_overrides=overrides or None)
     if method == "percentile":
