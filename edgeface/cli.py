@@ -36,7 +36,7 @@ from edgeface.runtimes import get_runtime_class, list_runtimes, runtimes_taking
 BENCH_RESIZE = "original"
 BENCH_THREADS = 1
 # Optional libraries no target or runtime declares (by import name), and the extra that installs each.
-OTHER_EXTRAS = {"scipy": "eval", "matplotlib": "bench"}
+OTHER_EXTRAS = {"scipy": "eval", "matplotlib": "bench", "albumentations": "train"}
 
 
 @functools.cache
@@ -339,6 +339,53 @@ def cmd_eval_widerface(args: argparse.Namespace) -> int:
     print(f"WIDER FACE val, {result.num_images} images, {what}")
     for subset in ("easy", "medium", "hard"):
         print(f"  {subset:<6} AP {result.ap[subset]:.4f}  ({result.num_faces[subset]} faces)")
+    return 0
+
+
+def _epochs(text: str) -> tuple[int, ...]:
+    """An argparse type: epochs as a comma-separated list of whole numbers from 1 (e.g. 190,220)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give epochs as whole numbers from 1, comma-separated (e.g. 5,10)")
+    return values
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    require_torch("edgeface train")
+    from edgeface.models import canonical_name
+    from edgeface.training.trainer import RECORD_FILE, TrainConfig, train
+
+    out = Path(args.out)
+    if args.resume:
+        record = out / RECORD_FILE
+        if not record.is_file():
+            raise EdgefaceError(f"nothing to resume in {out}: it holds no {RECORD_FILE}")
+        try:
+            config = TrainConfig.from_dict(json.loads(record.read_text())["config"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EdgefaceError(f"{record} is not an edgeface training record ({first_line(exc)})") from None
+        if args.epochs is not None:  # a finished run can be continued for more epochs
+            config = TrainConfig.from_dict({**config.to_dict(), "epochs": args.epochs})
+    else:
+        if not (args.images and args.annotations):
+            raise EdgefaceError("give --images DIR and --annotations FILE (or --resume to continue the run in --out)")
+        weights = None if args.weights == "none" else args.weights
+        config = TrainConfig(
+            images=args.images, annotations=args.annotations, model=canonical_name(args.backbone), weights=weights,
+            negative_slope={"relu": 0.0, "leaky": 0.1, None: None}[args.activation], image_size=args.imgsz,
+            epochs=args.epochs or 250, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
+            decay_epochs=args.decay_epochs, limit=args.limit, seed=args.seed, val_images=args.val_images,
+            val_gt=args.val_gt, val_epochs=args.val_epochs, val_limit=args.val_limit)
+    log = functools.partial(print, file=sys.stderr)
+    result = train(config, out, resume=args.resume, device=args.device, workers=args.workers, log=log,
+                   progress=sys.stderr.isatty())
+    last = result.record["epochs"][-1] if result.record["epochs"] else None
+    print(f"weights: {result.weights}" + (f" (after epoch {last['epoch']}, loss {last['loss']['total']:.4f})"
+                                          if last else ""))
+    print(f"record: {out / RECORD_FILE}")
     return 0
 
 
@@ -829,6 +876,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_count(1, MAX_THREADS))
     p.add_argument("--json", help="write the report as JSON to this file")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("train", help="train or fine-tune RetinaFace on WIDER FACE or RetinaFace-style labels",
+                       description="Train (from scratch with --weights none) or fine-tune a RetinaFace model with the "
+                                   "reference implementation's recipe. Writes weights.pth (reference state_dict "
+                                   "layout: --weights of every command), resume.pth, run.json and loss.png to --out "
+                                   "after every epoch.")
+    p.add_argument("--images", help="folder the annotation paths are relative to (WIDER_train/images)")
+    p.add_argument("--annotations", help="wider_face_train_bbx_gt.txt, or a RetinaFace label.txt with landmarks")
+    p.add_argument("--out", required=True, help="output folder of the run")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (with --epochs: for longer)")
+    _weights_options(p)
+    p.set_defaults(weights="default")
+    p.add_argument("--epochs", type=_count(1), help="epochs (default 250, the reference's)")
+    p.add_argument("--batch-size", type=_count(1), default=32, help="images per step (default 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of SGD (default 1e-3)")
+    p.add_argument("--warmup-epochs", type=float, default=5.0, help="linear warm-up (default 5)")
+    p.add_argument("--decay-epochs", type=_epochs, default=(190, 220), help="lr x0.1 after these (default 190,220)")
+    p.add_argument("--imgsz", type=_count(32), default=640, help="square training size, a multiple of 32 "
+                                                                  "(default 640)")
+    p.add_argument("--limit", type=_count(1), help="train on the first N annotated images only")
+    p.add_argument("--seed", type=int, default=0, help="seed of shuffling and augmentation (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--workers", type=_count(0, 64), default=0, help="data-loading processes (default 0: in the "
+                                                                     "training process)")
+    p.add_argument("--val-images", help="WIDER FACE val images for validation AP (never training images)")
+    p.add_argument("--val-gt", help="WIDER FACE ground-truth folder (wider_face_val.mat ...)")
+    p.add_argument("--val-epochs", type=_epochs, default=(), help="measure validation AP after these epochs")
+    p.add_argument("--val-limit", type=_count(1), help="validate on N images spread over the events")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy on a benchmark")
     bench = p.add_subparsers(dest="benchmark", required=True)

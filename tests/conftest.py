@@ -14,6 +14,7 @@ os.environ["PYTHONSAFEPATH"] = "1"
 SHARED = Path(os.environ.get("EDGEFACE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 WIDER_IMAGES = SHARED / "data" / "widerface" / "val" / "images"
 WIDER_GT = SHARED / "data" / "widerface" / "ground_truth"
+WIDER_TRAIN_IMAGES = SHARED / "data" / "widerface" / "train" / "images"
 FINAL_RETINAFACE = SHARED / "data" / "weights" / "Final_Retinaface.pth"
 REFERENCE = SHARED / "reference"
 ASTRONAUT = Path(__file__).resolve().parents[1] / "edgeface" / "assets" / "astronaut.jpg"
@@ -33,6 +34,12 @@ def wider_images() -> Path:
 @pytest.fixture(scope="session")
 def wider_gt() -> Path:
     return _need(WIDER_GT)
+
+
+@pytest.fixture(scope="session")
+def wider_train() -> tuple[Path, Path]:
+    """(training images folder, wider_face_train_bbx_gt.txt)."""
+    return _need(WIDER_TRAIN_IMAGES), _need(WIDER_GT / "wider_face_train_bbx_gt.txt")
 
 
 @pytest.fixture(scope="session")

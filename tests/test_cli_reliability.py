@@ -239,6 +239,7 @@ def test_a_failure_is_reported_on_its_first_line(capsys):
 @pytest.mark.parametrize("module, extra", [
     ("torch", "export"), ("onnxsim", "onnx"), ("litert_torch", "tflite"), ("ai_edge_litert.interpreter", "litert"),
     ("coremltools", "coreml"), ("tensorrt", "tensorrt"), ("scipy.io", "eval"), ("matplotlib.pyplot", "bench"),
+    ("albumentations", "train"),
 ])
 def test_a_missing_optional_library_names_its_extra(module, extra, monkeypatch, capsys):
     """An optional library imported where no require() guards it: one line naming the extra, which the registries

@@ -23,6 +23,7 @@ LAYERS = [
     ("models, runtimes", ["edgeface.models", "edgeface.runtimes"]),
     ("inference", ["edgeface.inference"]),
     ("evaluation", ["edgeface.evaluation"]),
+    ("training", ["edgeface.training"]),
     ("export", ["edgeface.export"]),
     ("bench, boards", ["edgeface.benchmarks", "edgeface.boards"]),
     ("cli", ["edgeface"]),

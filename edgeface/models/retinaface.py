@@ -132,9 +132,15 @@ class RetinaFace(nn.Module):
         self.LandmarkHead = nn.ModuleList(Head(ch, anchors, 2 * NUM_LANDMARKS) for _ in config.anchors.steps)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        loc, logits, landmarks = self.forward_logits(images)
+        return loc, F.softmax(logits, dim=-1), landmarks
+
+    def forward_logits(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """As :meth:`forward`, with the class scores before the softmax (N, A, 2): what the training loss takes
+        (cross-entropy on logits is the numerically stable form)."""
         p3, p4, p5 = self.fpn(self.body(images))
         features = [self.ssh1(p3), self.ssh2(p4), self.ssh3(p5)]
         loc = torch.cat([head(f) for head, f in zip(self.BboxHead, features)], dim=1)
         logits = torch.cat([head(f) for head, f in zip(self.ClassHead, features)], dim=1)
         landmarks = torch.cat([head(f) for head, f in zip(self.LandmarkHead, features)], dim=1)
-        return loc, F.softmax(logits, dim=-1), landmarks
+        return loc, logits, landmarks

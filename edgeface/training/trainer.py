@@ -1,0 +1,401 @@
+"""Training and fine-tuning RetinaFace: the reference implementation's recipe (biubug6/Pytorch_Retinaface
+``train.py``, ``data/config.py``): SGD with momentum 0.9 and weight decay 5e-4, learning rate 1e-3 with a linear
+warm-up over the first epochs and x0.1 steps, 640 x 640 crops, batch 32.
+
+A run writes, in its output folder, after every epoch (each file whole or not at all):
+
+- ``weights.pth``: the model's state_dict in the reference layout, loadable by every edgeface command
+  (``--weights``) and by the reference code;
+- ``resume.pth``: the same weights with the optimizer and scheduler state (``edgeface train --resume OUT``);
+- ``run.json``: the record of the run: data, hyper-parameters, start weights, library versions, device, per-epoch
+  losses and validation AP, timing;
+- ``loss.png``: the loss terms per iteration, and validation AP where measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from edgeface.core.errors import EdgefaceError
+from edgeface.core.files import atomic_write, sha256_file
+from edgeface.core.images import load_image
+from edgeface.core.processing import prior_boxes
+from edgeface.core.versions import library_versions
+from edgeface.evaluation.accuracy import WIDER_SETTINGS, evaluate_detector, select_images
+from edgeface.evaluation.widerface import image_key, load_ground_truth
+from edgeface.inference.detector import Detector
+from edgeface.models import get_model
+from edgeface.training.augment import TrainAugmentation
+from edgeface.training.batchnorm import unfold_batchnorm
+from edgeface.training.data import FaceAnnotations, read_annotations
+from edgeface.training.loss import LossWeights, multibox_loss
+from edgeface.training.targets import match_priors
+
+RUN_FORMAT = 1
+WEIGHTS_FILE, RESUME_FILE, RECORD_FILE, PLOT_FILE = "weights.pth", "resume.pth", "run.json", "loss.png"
+# Training images whose BatchNorm inputs re-estimate the statistics of folded start weights (unfold_batchnorm).
+UNFOLD_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (recorded in ``run.json``; a resumed run must match it)."""
+
+    images: str  # folder the annotation paths are relative to
+    annotations: str  # WIDER FACE *_bbx_gt.txt or RetinaFace label.txt
+    model: str = "retinaface_mnet025"
+    weights: str | None = "default"  # start weights (fine-tuning); None trains from scratch
+    negative_slope: float | None = None  # activation override, as get_model takes it
+    image_size: int = 640
+    epochs: int = 250
+    batch_size: int = 32
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 5.0  # linear from lr x 1e-3 to lr
+    decay_epochs: tuple[int, ...] = (190, 220)  # lr x ``gamma`` at each
+    gamma: float = 0.1
+    loss: LossWeights = field(default_factory=LossWeights)
+    limit: int | None = None  # train on the first N annotated images only
+    seed: int = 0
+    # validation AP on WIDER FACE images after these epochs (never the training images)
+    val_images: str | None = None
+    val_gt: str | None = None
+    val_epochs: tuple[int, ...] = ()
+    val_limit: int | None = None
+    val_resize: str = "original"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["loss"] = LossWeights(**values.get("loss", {}))
+        for name in ("decay_epochs", "val_epochs"):
+            values[name] = tuple(values.get(name, ()))
+        return cls(**values)
+
+    def check(self) -> None:
+        """Raise :class:`EdgefaceError` (one line) for a value no run can use."""
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            problems.append(f"batch size must be at least 1, got {self.batch_size}")
+        if self.image_size < 32 or self.image_size % 32:
+            problems.append(f"image size must be a multiple of 32 from 32, got {self.image_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"learning rate must be a positive number, got {self.lr}")
+        if self.warmup_epochs < 0:
+            problems.append(f"warm-up epochs must be 0 or more, got {self.warmup_epochs}")
+        if self.val_epochs and not (self.val_images and self.val_gt):
+            problems.append("validation epochs need the validation images and ground truth (--val-images, --val-gt)")
+        if problems:
+            raise EdgefaceError("; ".join(problems))
+
+
+class TrainingSet(Dataset):
+    """Annotated images -> augmented (3, S, S) float32 tensors (BGR minus the model's mean) and their faces. The
+    augmentation of image ``i`` in epoch ``e`` depends only on (seed, e, i), whatever the worker."""
+
+    def __init__(self, annotations: Sequence[FaceAnnotations], augment: TrainAugmentation,
+                 mean_bgr: Sequence[float], seed: int) -> None:
+        self.annotations = list(annotations)
+        self.augment = augment
+        self.mean = np.asarray(mean_bgr, np.float32)
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.annotations)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        faces = self.annotations[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        sample = self.augment(load_image(faces.path), faces.boxes, faces.landmarks, faces.has_landmarks, rng)
+        image = torch.from_numpy((sample.image.astype(np.float32) - self.mean).transpose(2, 0, 1).copy())
+        return image, {"boxes": torch.from_numpy(sample.boxes), "landmarks": torch.from_numpy(sample.landmarks),
+                       "has_landmarks": torch.from_numpy(sample.has_landmarks)}
+
+
+def collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, list[dict]]:
+    return torch.stack([image for image, _ in batch]), [faces for _, faces in batch]
+
+
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, iterations_per_epoch: int,
+                           ) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-iteration schedule: linear warm-up from lr x 1e-3 over ``warmup_epochs``, then x ``gamma`` at each of
+    ``decay_epochs`` (torch's LinearLR and MultiStepLR in sequence)."""
+    schedulers = torch.optim.lr_scheduler
+    warmup = round(config.warmup_epochs * iterations_per_epoch)
+    steps = sorted(max(1, e * iterations_per_epoch - warmup) for e in config.decay_epochs)
+    decay = schedulers.MultiStepLR(optimizer, milestones=steps, gamma=config.gamma)
+    if warmup == 0:
+        return decay
+    ramp = schedulers.LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=warmup)
+    return schedulers.SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EdgefaceError(f"--device {name}: no CUDA device is visible to PyTorch here (torch "
+                            f"{torch.__version__}); train with --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise EdgefaceError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    weights: Path
+    record: dict[str, Any]
+
+
+class Trainer:
+    """One training run into ``out`` (see the module docstring for the files). ``log`` receives one line per epoch;
+    ``progress`` shows a bar per epoch (on a terminal)."""
+
+    def __init__(self, config: TrainConfig, out: str | Path, *, device: str = "cpu", workers: int = 0,
+                 log: Callable[[str], None] = print, progress: bool = False) -> None:
+        config.check()
+        self.config, self.out = config, Path(out)
+        self.device = _device(device)
+        self.workers, self.log, self.progress = workers, log, progress
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+    def _data(self) -> list[FaceAnnotations]:
+        c = self.config
+        annotations = read_annotations(c.annotations, c.images)
+        if c.limit is not None:
+            annotations = annotations[: c.limit]
+        if c.val_images:
+            val_gt = load_ground_truth(c.val_gt)
+            val = {image_key(p) for p in select_images(c.val_images, val_gt, c.val_limit)}
+            overlap = sorted(val & {a.key for a in annotations})
+            if overlap:
+                raise EdgefaceError(f"{len(overlap)} training images are also validation images (e.g. "
+                                    f"{'/'.join(overlap[0])}): validation AP would be meaningless; train on "
+                                    "other images")
+        return annotations
+
+    def _data_record(self, annotations: list[FaceAnnotations]) -> dict[str, Any]:
+        c = self.config
+        faces = sum(len(a.boxes) for a in annotations)
+        labelled = sum(int(a.has_landmarks.sum()) for a in annotations)
+        return {
+            "images_dir": str(Path(c.images).resolve()),
+            "annotations": str(Path(c.annotations).resolve()),
+            "annotations_sha256": sha256_file(c.annotations),
+            "images": len(annotations),
+            "faces": faces,
+            "faces_with_landmarks": labelled,
+            "landmarks": ("landmark loss masked for the faces without landmark labels "
+                          f"({faces - labelled} of {faces})" if labelled < faces else "labels for every face"),
+        }
+
+    # -- the run --------------------------------------------------------------------------------------------------
+    def run(self, *, resume: bool = False) -> TrainResult:
+        c = self.config
+        torch.manual_seed(c.seed)
+        annotations = self._data()
+        resume_state = self._resume_state() if resume else None
+        if not resume and (self.out / RESUME_FILE).exists():
+            raise EdgefaceError(f"{self.out} already holds a training run; resume it with --resume {self.out}, or "
+                                "give another output folder")
+        model = get_model(c.model, weights=None if resume_state else c.weights, negative_slope=c.negative_slope)
+        start_weights = getattr(model, "weights_info", None)
+        model.to(self.device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        dataset = TrainingSet(annotations, TrainAugmentation(c.image_size, model.config.mean_bgr),
+                              model.config.mean_bgr, c.seed)
+        batchnorm = "trained (batch statistics)"
+        if c.weights is not None:
+            unfolded = 0
+            if resume_state is None:
+                count = min(len(dataset), UNFOLD_IMAGES)
+                batches = (collate([dataset[i] for i in range(start, min(count, start + c.batch_size))])[0]
+                           .to(self.device) for start in range(0, count, c.batch_size))
+                unfolded = unfold_batchnorm(model, batches)
+            batchnorm = "statistics of the start weights, frozen (fine-tuning)"
+            if unfolded:
+                batchnorm = (f"statistics frozen after re-estimating them on {count} training images: the start "
+                             f"weights had {unfolded} BatchNorm layers folded into their convolutions")
+        self._set_mode(model)
+        per_epoch = math.ceil(len(dataset) / c.batch_size)
+        scheduler = learning_rate_schedule(optimizer, c, per_epoch)
+        record = {
+            "format": RUN_FORMAT, "config": c.to_dict(), "model_config": model.config.to_dict(),
+            "start_weights": start_weights, "teacher": None, "data": self._data_record(annotations),
+            "batchnorm": batchnorm,
+            "versions": library_versions("edgeface", "torch", "numpy", "albumentations", "opencv-python-headless"),
+            "device": _device_name(self.device), "command": sys.argv, "epochs": [], "iterations": [],
+            "seconds": 0.0, "finished": False,
+        }
+        first_epoch = 0
+        if resume_state is not None:
+            model.load_state_dict(resume_state["model"])
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+            previous = json.loads((self.out / RECORD_FILE).read_text())
+            record.update({k: previous[k] for k in ("start_weights", "epochs", "iterations", "seconds")})
+            first_epoch = int(resume_state["epoch"])
+            self.log(f"resuming {self.out} after epoch {first_epoch}")
+        priors = torch.from_numpy(prior_boxes((c.image_size, c.image_size), model.config.anchors).copy())
+        priors = priors.to(self.device)
+        variance = model.config.anchors.variance
+        self.out.mkdir(parents=True, exist_ok=True)
+        for epoch in range(first_epoch, c.epochs):
+            started = time.perf_counter()
+            dataset.epoch = epoch
+            loader = DataLoader(dataset, batch_size=c.batch_size, shuffle=True, num_workers=self.workers,
+                                collate_fn=collate, generator=torch.Generator().manual_seed(c.seed * 100003 + epoch))
+            sums: dict[str, float] = {}
+            bar = _bar(loader, f"epoch {epoch + 1}/{c.epochs}", self.progress)
+            for images, faces in bar:
+                targets = [match_priors(f["boxes"].to(self.device), f["landmarks"].to(self.device),
+                                        f["has_landmarks"].to(self.device), priors, variance=variance) for f in faces]
+                loc, logits, landmarks = model.forward_logits(images.to(self.device))
+                losses = multibox_loss(loc, logits, landmarks, targets, c.loss)
+                if not torch.isfinite(losses["total"]):
+                    raise EdgefaceError(f"the loss became {losses['total'].item()} in epoch {epoch + 1}: training "
+                                        f"diverged; lower the learning rate (--lr, now {c.lr:g}) or lengthen the "
+                                        f"warm-up (--warmup-epochs, now {c.warmup_epochs:g})")
+                optimizer.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                optimizer.step()
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                values = {k: float(v.detach()) for k, v in losses.items()}
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                record["iterations"].append([len(record["iterations"]) + 1, epoch + 1, lr,
+                                             *(round(values[k], 5) for k in ("total", "box", "classification",
+                                                                             "landmarks"))])
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
+            count = max(1, len(loader))
+            summary = {"epoch": epoch + 1, "iterations": len(loader), "lr": lr,
+                       "loss": {k: round(v / count, 5) for k, v in sums.items()},
+                       "seconds": round(time.perf_counter() - started, 1)}
+            if epoch + 1 in c.val_epochs:
+                summary["val_ap"] = self._validate(model)
+            record["epochs"].append(summary)
+            record["seconds"] = round(record["seconds"] + time.perf_counter() - started, 1)
+            record["finished"] = epoch + 1 == c.epochs
+            self._save(model, optimizer, scheduler, epoch + 1, record)
+            ap = summary.get("val_ap")
+            self.log(f"epoch {epoch + 1}/{c.epochs}: loss {summary['loss']['total']:.4f} (box "
+                     f"{summary['loss']['box']:.4f}, class {summary['loss']['classification']:.4f}, landmarks "
+                     f"{summary['loss']['landmarks']:.4f}), lr {lr:.2e}, {summary['seconds']:.0f} s"
+                     + (f"; val AP {ap['easy']:.4f} / {ap['medium']:.4f} / {ap['hard']:.4f}" if ap else ""))
+        return TrainResult(self.out, self.out / WEIGHTS_FILE, record)
+
+    def _set_mode(self, model: torch.nn.Module) -> None:
+        """Training mode; fine-tuning keeps the BatchNorm statistics (batches of a few images estimate them badly),
+        while their scale and shift still train."""
+        model.train()
+        if self.config.weights is not None:
+            for module in model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def _resume_state(self) -> dict[str, Any]:
+        path = self.out / RESUME_FILE
+        if not path.is_file() or not (self.out / RECORD_FILE).is_file():
+            raise EdgefaceError(f"nothing to resume in {self.out}: no {RESUME_FILE} and {RECORD_FILE} there")
+        return torch.load(path, map_location=self.device, weights_only=True)
+
+    def _validate(self, model: torch.nn.Module) -> dict[str, float]:
+        c = self.config
+        evaluated = copy.deepcopy(model).cpu().eval()
+        detector = Detector.for_model(evaluated, **{**WIDER_SETTINGS, "resize": c.val_resize})
+        result = evaluate_detector(detector.detect_arrays, c.val_images, load_ground_truth(c.val_gt),
+                                   limit=c.val_limit, progress=self.progress)
+        return {**{k: round(v, 4) for k, v in result.ap.items()}, "images": result.num_images}
+
+    def _save(self, model, optimizer, scheduler, epoch: int, record: dict[str, Any]) -> None:
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_write(self.out / WEIGHTS_FILE, lambda p: torch.save(weights, p))
+        state = {"model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "epoch": epoch}
+        atomic_write(self.out / RESUME_FILE, lambda p: torch.save(state, p))
+        atomic_write(self.out / RECORD_FILE, lambda p: p.write_text(json.dumps(record, indent=1)))
+        plot_losses(record, self.out / PLOT_FILE)
+
+
+def _bar(items, description: str, progress: bool):
+    return tqdm(items, desc=description, unit="batch", file=sys.stderr, leave=False,
+                disable=not progress or not sys.stderr.isatty())
+
+
+def plot_losses(record: dict[str, Any], path: Path) -> Path | None:
+    """The loss terms per iteration (a moving average over an epoch's worth) and validation AP per epoch, as a PNG;
+    None where matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure  # object API: no display, no global state
+    except ImportError:
+        return None
+    rows = np.asarray(record["iterations"], np.float64).reshape(-1, 7)
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    window = max(1, min(len(rows), record["epochs"][0]["iterations"] if record["epochs"] else 1))
+    kernel = np.ones(window) / window
+    for column, name in zip(range(3, 7), ("total", "box", "classification", "landmarks")):
+        if not rows[:, column].any():  # e.g. landmarks without landmark labels: nothing to draw on a log scale
+            continue
+        smoothed = np.convolve(rows[:, column], kernel, mode="valid") if len(rows) >= window else rows[:, column]
+        axes.plot(rows[window - 1:, 0] if len(rows) >= window else rows[:, 0], smoothed, label=name)
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("loss" + (f" (moving average over {window} iterations)" if window > 1 else ""))
+    axes.set_yscale("log")
+    axes.grid(True, alpha=0.3)
+    if any("val_ap" in e for e in record["epochs"]):
+        ap_axes = axes.twinx()
+        last = np.cumsum([e["iterations"] for e in record["epochs"]])
+        points = [(last[i], e["val_ap"]) for i, e in enumerate(record["epochs"]) if "val_ap" in e]
+        for subset, marker in (("easy", "o"), ("medium", "s"), ("hard", "^")):
+            ap_axes.plot([x for x, _ in points], [ap[subset] for _, ap in points], marker=marker, linestyle=":",
+                         color="black", label=f"val AP {subset}")
+        ap_axes.set_ylabel("validation AP")
+        ap_axes.set_ylim(0, 1)
+        ap_axes.legend(loc="lower right", fontsize="small")
+    axes.legend(loc="upper right", fontsize="small")
+    axes.set_title(f"{record['config']['model']}: {record['data']['images']} images, {record['device']}")
+    atomic_write(path, lambda p: figure.savefig(p, format="png", dpi=100))
+    return path
+
+
+def train(config: TrainConfig, out: str | Path, *, resume: bool = False, device: str = "cpu", workers: int = 0,
+          log: Callable[[str], None] = print, progress: bool = False) -> TrainResult:
+    """Run (or ``resume``) training as ``config`` says into ``out``. Raises
+    :class:`~edgeface.core.errors.EdgefaceError` for bad data, a diverging loss, or an output folder that already
+    holds another run."""
+    return Trainer(config, out, device=device, workers=workers, log=log, progress=progress).run(resume=resume)
+
+
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "train", "learning_rate_schedule", "plot_losses"]
