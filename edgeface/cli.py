@@ -378,7 +378,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             negative_slope={"relu": 0.0, "leaky": 0.1, None: None}[args.activation], image_size=args.imgsz,
             epochs=args.epochs or 250, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
             decay_epochs=args.decay_epochs, limit=args.limit, seed=args.seed, val_images=args.val_images,
-            val_gt=args.val_gt, val_epochs=args.val_epochs, val_limit=args.val_limit)
+            val_gt=args.val_gt, val_epochs=args.val_epochs, val_limit=args.val_limit, qat=args.qat)
     log = functools.partial(print, file=sys.stderr)
     result = train(config, out, resume=args.resume, device=args.device, workers=args.workers, log=log,
                    progress=sys.stderr.isatty())
@@ -435,6 +435,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     # the targets' own flags that were given (the export refuses one the target does not take)
     options = {**board_options, **{name: value for name, value in vars(args).items()
                                    if name in _TARGET_FLAGS and value is not None}}
+    if options.get("qat") and args.weights == "default":  # a QAT run exports the weights it trained
+        args.weights = str(Path(options["qat"]) / "weights.pth")
     sizes = args.imgsz or [None]
     if len(sizes) > 1:
         takers = targets_taking("enumerated_sizes")
@@ -900,6 +902,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--workers", type=_count(0, 64), default=0, help="data-loading processes (default 0: in the "
                                                                      "training process)")
+    p.add_argument("--qat", action="store_true",
+                   help="quantisation-aware training for full-integer INT8 (onnxruntime QDQ), distilled from the "
+                        "start weights; export the run with `edgeface export --target onnx --precision int8 --qat "
+                        "OUT`")
     p.add_argument("--val-images", help="WIDER FACE val images for validation AP (never training images)")
     p.add_argument("--val-gt", help="WIDER FACE ground-truth folder (wider_face_val.mat ...)")
     p.add_argument("--val-epochs", type=_epochs, default=(), help="measure validation AP after these epochs")

@@ -40,7 +40,14 @@ INT8_OPTIONS = (
     TargetOption("keep_float", "int8: nodes kept in float: 'heads' and node-name prefixes (default "
                  f"{list(INT8_KEEP_FLOAT)})"),
     TargetOption("percentile", f"int8 with method percentile: the percentile (default {INT8_PERCENTILE})"),
+    TargetOption("qat", "int8: the folder of a QAT run (`edgeface train --qat --out DIR`): full-integer INT8 "
+                 "(nothing kept in float) with the run's weights and learned activation quantisation", flag="--qat"),
 )
+# What a QAT run leaves for the export (edgeface.training.qat): learned activation quantisation by tensor name.
+QAT_FILE = "quantization.json"
+QAT_FORMAT = 1
+# Operators whose output onnxruntime quantises with their input's parameters (values are only moved or copied).
+PASS_THROUGH = {"Resize", "Slice", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 SPEC = TargetSpec(
     name="onnx",
     title="ONNX",
@@ -139,9 +146,11 @@ class CalibrationReader:
 
 def to_int8(proto: onnx.ModelProto, calibration: tuple[np.ndarray, ...], *, method: str = INT8_METHOD,
             keep_float: tuple[str, ...] = INT8_KEEP_FLOAT, symmetric_activations: bool = False,
-            percentile: float = INT8_PERCENTILE) -> tuple[onnx.ModelProto, dict[str, Any]]:
+            percentile: float = INT8_PERCENTILE, overrides: dict[str, list[dict[str, Any]]] | None = None,
+            ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Static INT8 (QDQ, per-channel weights). ``symmetric_activations`` for TensorRT, which takes symmetric
-    int8 only."""
+    int8 only. ``overrides``: onnxruntime's ``TensorQuantOverrides`` (tensor name -> [{"scale", "zero_point"}]),
+    the learned quantisation of a QAT run (:func:`tensor_overrides`)."""
     quantization = require("onnxruntime.quantization", "onnx", "ONNX INT8 quantisation")
     import tempfile
 
@@ -156,6 +165,8 @@ def to_int8(proto: onnx.ModelProto, calibration: tuple[np.ndarray, ...], *, meth
     extra = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         onnx.save(proto, src)
@@ -181,6 +192,63 @@ def to_int8(proto: onnx.ModelProto, calibration: tuple[np.ndarray, ...], *, meth
     return quantized, info
 
 
+def quantised_tensors(proto: onnx.ModelProto) -> dict[str, tuple[float, int]]:
+    """Tensor name -> (scale, zero point) of each QuantizeLinear on an activation of a QDQ model (onnxruntime names
+    a quantised graph output ``<name>_QuantizeLinear_Input``; the original name is given)."""
+    from onnx import numpy_helper  # deferred: the converters (export extra)
+
+    constants = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    out = {}
+    for node in proto.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in constants:
+            name = node.input[0].removesuffix("_QuantizeLinear_Input")
+            out[name] = (float(constants[node.input[1]]), int(constants[node.input[2]]))
+    return out
+
+
+def tensor_overrides(proto: onnx.ModelProto, learned: dict[str, tuple[float, int]]
+                     ) -> dict[str, list[dict[str, Any]]]:
+    """``TensorQuantOverrides`` for :func:`to_int8` on the float graph ``proto``: the ``learned`` (scale, zero
+    point) of each tensor, and for each pass-through operator's output (:data:`PASS_THROUGH`) those of the tensor it
+    copies. Raises :class:`EdgefaceError` when a learned tensor is not in the graph."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    absent = sorted(set(learned) - set(producers) - {i.name for i in proto.graph.input})
+    if absent:
+        raise EdgefaceError(f"{len(absent)} tensors of the QAT run are not in the exported graph (e.g. {absent[0]}): "
+                            "export with the opset the QAT run used")
+    chosen = dict(learned)
+    for node in proto.graph.node:
+        if node.op_type in PASS_THROUGH:
+            source = node.input[0]
+            while source not in learned and source in producers and producers[source].op_type in PASS_THROUGH:
+                source = producers[source].input[0]
+            if source in learned:
+                chosen[node.output[0]] = learned[source]
+    return {name: [{"scale": np.array(scale, np.float32), "zero_point": np.array(zero, np.uint8)}]
+            for name, (scale, zero) in chosen.items()}
+
+
+def read_qat_run(folder: str | Path) -> dict[str, Any]:
+    """The :data:`QAT_FILE` of a QAT run folder, checked: format, scheme, and a (scale > 0, zero point 0-255) pair
+    for each tensor. Raises :class:`EdgefaceError` in one line."""
+    import json
+
+    path = Path(folder) / QAT_FILE
+    if not path.is_file():
+        raise EdgefaceError(f"--qat {folder}: no {QAT_FILE} there; give the folder of a QAT run (`edgeface train --qat --out DIR`)")
+    try:
+        record = json.loads(path.read_text())
+        tensors = {str(k): (float(v[0]), int(v[1])) for k, v in record["tensors"].items()}
+        ok = (record.get("format") == QAT_FORMAT and isinstance(record.get("scheme"), dict) and tensors
+              and all(s > 0 and np.isfinite(s) and 0 <= z <= 255 for s, z in tensors.values()))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        ok = False
+    if not ok:
+        raise EdgefaceError(f"{path} is not a QAT record of this edgeface (format {QAT_FORMAT}: scheme, and a scale "
+                            "> 0 and a zero point 0-255 per tensor)")
+    return {**record, "tensors": tensors}
+
+
 def build(model: torch.nn.Module, request: ExportRequest, *, symmetric_activations: bool = False
           ) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, Any]]:
     """The ONNX model of a request, with calibration details and checks; shared with the TensorRT target."""
@@ -197,11 +265,34 @@ def build(model: torch.nn.Module, request: ExportRequest, *, symmetric_activatio
         simplified = to_fp16(simplified)
     elif request.precision == "int8":
         options = {k: request.options[k] for k in ("method", "keep_float", "percentile") if k in request.options}
+        qat = None
+        if request.options.get("qat"):
+            qat = _qat_for(model, request)
+            options = {"keep_float": (), "overrides": tensor_overrides(simplified, qat["tensors"])}
         simplified, calibration = to_int8(simplified, request.calibration,
                                           symmetric_activations=symmetric_activations, **options)
         calibration["source"] = request.calibration_source
+        if qat is not None:
+            calibration["qat"] = {k: v for k, v in qat.items() if k != "tensors"}
+            calibration["qat"]["learned_tensors"] = len(qat["tensors"])
     onnx.checker.check_model(simplified)
     return simplified, calibration, checks
+
+
+def _qat_for(model: torch.nn.Module, request: ExportRequest) -> dict[str, Any]:
+    """The QAT record of ``request.options["qat"]``, refused with its reason when it cannot apply."""
+    if kept := request.options.get("keep_float"):
+        raise EdgefaceError(f"--qat makes every operator integer; drop --keep-float ({kept})")
+    qat = read_qat_run(request.options["qat"])
+    used = (getattr(model, "weights_info", None) or {}).get("sha256")
+    if used != qat.get("weights_sha256"):
+        raise EdgefaceError(f"the QAT run in {request.options['qat']} trained other weights than this export's "
+                            f"({(getattr(model, 'weights_info', None) or {}).get('source')}): export its "
+                            "weights.pth (leave --weights out)")
+    if request.opset != qat.get("opset", request.opset):
+        raise EdgefaceError(f"the QAT run named the tensors of an opset {qat['opset']} export; export with "
+                            f"--opset {qat['opset']}")
+    return qat
 
 
 def dynamic_ranges(request: ExportRequest) -> dict[str, list[int]] | None:

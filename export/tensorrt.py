@@ -53,7 +53,7 @@ SPEC = TargetSpec(
     # TensorRT 8.5/8.6 (JetPack 5) parse ONNX up to opset 17: a newer one is refused before any work
     options=(dataclasses.replace(onnx_export.OPSET, choices=range(13, MAX_OPSET + 1),
                                  help=f"ONNX opset, 13-{MAX_OPSET} (TensorRT 8.5/8.6 parse up to {MAX_OPSET}; default 17)"),
-             *onnx_export.INT8_OPTIONS),
+             *(o for o in onnx_export.INT8_OPTIONS if o.name != "qat")),  # QAT learns onnxruntime's uint8
     extra="onnx",  # the bundle is an ONNX; TensorRT itself (the tensorrt extra, or JetPack) builds it on the device
     runtime="tensorrt",
     verify_runtime="onnxruntime",  # the bundle's ONNX, checked here; the engine is checked by build-engine

@@ -23,8 +23,8 @@ LAYERS = [
     ("models, runtimes", ["edgeface.models", "edgeface.runtimes"]),
     ("inference", ["edgeface.inference"]),
     ("evaluation", ["edgeface.evaluation"]),
-    ("training", ["edgeface.training"]),
     ("export", ["edgeface.export"]),
+    ("training", ["edgeface.training"]),
     ("bench, boards", ["edgeface.benchmarks", "edgeface.boards"]),
     ("cli", ["edgeface"]),
 ]

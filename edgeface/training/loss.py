@@ -66,3 +66,18 @@ def multibox_loss(
     classification = F.cross_entropy(logits[chosen], labels[chosen], reduction="sum") / num_positive
     total = weights.box * box + classification + weights.landmarks * points
     return {"total": total, "box": box, "classification": classification, "landmarks": points}
+
+
+def distillation_loss(loc: Tensor, logits: Tensor, landmarks: Tensor,
+                      teacher: tuple[Tensor, Tensor, Tensor], *, beta: float = 0.1) -> Tensor:
+    """Knowledge distillation from a teacher's outputs (loc (N, A, 4), conf (N, A, 2) softmax, landmarks
+    (N, A, 10)) as soft targets, for quantisation-aware training (Hinton et al. 2015): KL divergence of the class
+    scores, plus smooth-L1 (``beta``, in offset units) of the box and half the landmark offsets, each prior weighted
+    by the teacher's face probability, all divided by the sum of those weights (+1)."""
+    teacher_loc, teacher_conf, teacher_landmarks = teacher
+    weight = teacher_conf[..., 1]
+    norm = weight.sum() + 1.0
+    kl = (teacher_conf * (teacher_conf.clamp(min=1e-8).log() - F.log_softmax(logits, dim=-1))).sum(-1).sum()
+    box = (weight * F.smooth_l1_loss(loc, teacher_loc, reduction="none", beta=beta).sum(-1)).sum()
+    points = (weight * F.smooth_l1_loss(landmarks, teacher_landmarks, reduction="none", beta=beta).sum(-1)).sum()
+    return (kl + box + 0.5 * points) / norm

@@ -38,16 +38,23 @@ from edgeface.core.processing import prior_boxes
 from edgeface.core.versions import library_versions
 from edgeface.evaluation.accuracy import WIDER_SETTINGS, evaluate_detector, select_images
 from edgeface.evaluation.widerface import image_key, load_ground_truth
+from edgeface.export.onnx import OPSET, QAT_FILE, QAT_FORMAT, read_qat_run
 from edgeface.inference.detector import Detector
 from edgeface.models import get_model
 from edgeface.training.augment import TrainAugmentation
 from edgeface.training.batchnorm import unfold_batchnorm
 from edgeface.training.data import FaceAnnotations, read_annotations
-from edgeface.training.loss import LossWeights, multibox_loss
+from edgeface.training.loss import LossWeights, distillation_loss, multibox_loss
+from edgeface.training.qat import QuantizationAwareRetinaFace, QuantizationScheme, onnxruntime_parameters
 from edgeface.training.targets import match_priors
 
 RUN_FORMAT = 1
 WEIGHTS_FILE, RESUME_FILE, RECORD_FILE, PLOT_FILE = "weights.pth", "resume.pth", "run.json", "loss.png"
+LOSS_TERMS = ("total", "box", "classification", "landmarks")
+# QAT: Adam's learning rates of the activation quantisers (log-scales, zero points in integer steps), whatever the
+# weights' --lr; and the training images whose min-max calibration starts them.
+QAT_SCALE_LR, QAT_ZERO_POINT_LR = 1e-3, 1e-2
+QAT_CALIBRATION_IMAGES = 32
 # Training images whose BatchNorm inputs re-estimate the statistics of folded start weights (unfold_batchnorm).
 UNFOLD_IMAGES = 64
 
@@ -79,6 +86,10 @@ class TrainConfig:
     val_epochs: tuple[int, ...] = ()
     val_limit: int | None = None
     val_resize: str = "original"
+    # quantisation-aware training for full-integer onnxruntime INT8 (edgeface.training.qat), distilled from the
+    # start weights (this weight on the distillation loss, added to the ground-truth loss)
+    qat: bool = False
+    distillation: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -105,6 +116,8 @@ class TrainConfig:
             problems.append(f"learning rate must be a positive number, got {self.lr}")
         if self.warmup_epochs < 0:
             problems.append(f"warm-up epochs must be 0 or more, got {self.warmup_epochs}")
+        if self.qat and self.weights is None:
+            problems.append("QAT fine-tunes trained weights for INT8: give --weights (default, a name or a file)")
         if self.val_epochs and not (self.val_images and self.val_gt):
             problems.append("validation epochs need the validation images and ground truth (--val-images, --val-gt)")
         if problems:
@@ -230,7 +243,6 @@ class Trainer:
         model = get_model(c.model, weights=None if resume_state else c.weights, negative_slope=c.negative_slope)
         start_weights = getattr(model, "weights_info", None)
         model.to(self.device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         dataset = TrainingSet(annotations, TrainAugmentation(c.image_size, model.config.mean_bgr),
                               model.config.mean_bgr, c.seed)
         batchnorm = "trained (batch statistics)"
@@ -245,12 +257,30 @@ class Trainer:
             if unfolded:
                 batchnorm = (f"statistics frozen after re-estimating them on {count} training images: the start "
                              f"weights had {unfolded} BatchNorm layers folded into their convolutions")
+        teacher = None
+        if c.qat:
+            # the start weights (unfolding BatchNorm did not change their function), also when resuming
+            teacher = get_model(c.model, weights=c.weights, negative_slope=c.negative_slope)
+            teacher = teacher.to(self.device).eval().requires_grad_(False)
+            model = self._quantisation_aware(model, dataset, resume_state is not None)
+            optimizer = torch.optim.Adam([
+                {"params": [p for p in model.net.parameters() if p.requires_grad], "lr": c.lr},
+                {"params": [p.log_scale for p in model.points.values()], "lr": QAT_SCALE_LR},
+                {"params": [p.zero_point for p in model.points.values()], "lr": QAT_ZERO_POINT_LR}])
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum,
+                                        weight_decay=c.weight_decay)
         self._set_mode(model)
         per_epoch = math.ceil(len(dataset) / c.batch_size)
         scheduler = learning_rate_schedule(optimizer, c, per_epoch)
         record = {
             "format": RUN_FORMAT, "config": c.to_dict(), "model_config": model.config.to_dict(),
-            "start_weights": start_weights, "teacher": None, "data": self._data_record(annotations),
+            "start_weights": start_weights, "data": self._data_record(annotations),
+            "teacher": {"weights": start_weights, "loss": "distillation_loss (edgeface.training.loss): KL of the "
+                        "class scores, smooth-L1 of box and landmark offsets, weighted by the teacher's face "
+                        f"probability; x{c.distillation:g}, added to the ground-truth loss"} if c.qat else None,
+            "quantization": QuantizationScheme().to_dict() if c.qat else None,
+            "iteration_columns": ["iteration", "epoch", "lr", *LOSS_TERMS, *(["distillation"] if c.qat else [])],
             "batchnorm": batchnorm,
             "versions": library_versions("edgeface", "torch", "numpy", "albumentations", "opencv-python-headless"),
             "device": _device_name(self.device), "command": sys.argv, "epochs": [], "iterations": [],
@@ -281,6 +311,11 @@ class Trainer:
                                         f["has_landmarks"].to(self.device), priors, variance=variance) for f in faces]
                 loc, logits, landmarks = model.forward_logits(images.to(self.device))
                 losses = multibox_loss(loc, logits, landmarks, targets, c.loss)
+                if teacher is not None:
+                    with torch.no_grad():
+                        soft_targets = teacher(images.to(self.device))
+                    losses["distillation"] = distillation_loss(loc, logits, landmarks, soft_targets)
+                    losses["total"] = losses["total"] + c.distillation * losses["distillation"]
                 if not torch.isfinite(losses["total"]):
                     raise EdgefaceError(f"the loss became {losses['total'].item()} in epoch {epoch + 1}: training "
                                         f"diverged; lower the learning rate (--lr, now {c.lr:g}) or lengthen the "
@@ -294,8 +329,7 @@ class Trainer:
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 record["iterations"].append([len(record["iterations"]) + 1, epoch + 1, lr,
-                                             *(round(values[k], 5) for k in ("total", "box", "classification",
-                                                                             "landmarks"))])
+                                             *(round(values[k], 5) for k in record["iteration_columns"][3:])])
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
             count = max(1, len(loader))
@@ -311,7 +345,9 @@ class Trainer:
             ap = summary.get("val_ap")
             self.log(f"epoch {epoch + 1}/{c.epochs}: loss {summary['loss']['total']:.4f} (box "
                      f"{summary['loss']['box']:.4f}, class {summary['loss']['classification']:.4f}, landmarks "
-                     f"{summary['loss']['landmarks']:.4f}), lr {lr:.2e}, {summary['seconds']:.0f} s"
+                     f"{summary['loss']['landmarks']:.4f}"
+                     + (f", distillation {summary['loss']['distillation']:.4f}" if c.qat else "")
+                     + f"), lr {lr:.2e}, {summary['seconds']:.0f} s"
                      + (f"; val AP {ap['easy']:.4f} / {ap['medium']:.4f} / {ap['hard']:.4f}" if ap else ""))
         return TrainResult(self.out, self.out / WEIGHTS_FILE, record)
 
@@ -319,10 +355,25 @@ class Trainer:
         """Training mode; fine-tuning keeps the BatchNorm statistics (batches of a few images estimate them badly),
         while their scale and shift still train."""
         model.train()
-        if self.config.weights is not None:
+        if self.config.weights is not None and not self.config.qat:  # (QAT freezes them itself)
             for module in model.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
+
+    def _quantisation_aware(self, model: torch.nn.Module, dataset: TrainingSet, resuming: bool
+                            ) -> QuantizationAwareRetinaFace:
+        """``model`` with onnxruntime's quantisation simulated, started from its min-max calibration on training
+        images (or, when resuming, from the run's own record: the resumed state then overwrites it)."""
+        size = self.config.image_size
+        if resuming:
+            initial = read_qat_run(self.out)["tensors"]
+        else:
+            count = min(len(dataset), QAT_CALIBRATION_IMAGES)
+            calibration = [dataset[i][0][None].numpy() for i in range(count)]
+            self.log(f"QAT: onnxruntime min-max calibration of the full-integer graph on {count} training images")
+            initial = onnxruntime_parameters(copy.deepcopy(model).cpu(), calibration, (size, size),
+                                             opset=OPSET.default)
+        return QuantizationAwareRetinaFace(model, {k: tuple(v) for k, v in initial.items()}).to(self.device)
 
     def _resume_state(self) -> dict[str, Any]:
         path = self.out / RESUME_FILE
@@ -339,10 +390,19 @@ class Trainer:
         return {**{k: round(v, 4) for k, v in result.ap.items()}, "images": result.num_images}
 
     def _save(self, model, optimizer, scheduler, epoch: int, record: dict[str, Any]) -> None:
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        qat = isinstance(model, QuantizationAwareRetinaFace)
+        weights = model.float_state_dict() if qat else {k: v.detach().cpu() for k, v in model.state_dict().items()}
         atomic_write(self.out / WEIGHTS_FILE, lambda p: torch.save(weights, p))
-        state = {"model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "epoch": epoch}
+        if qat:
+            quantization = {
+                "format": QAT_FORMAT, "scheme": record["quantization"], "opset": OPSET.default,
+                "input_hw": [self.config.image_size] * 2, "weights_sha256": sha256_file(self.out / WEIGHTS_FILE),
+                "start_weights": record["start_weights"], "teacher": record["teacher"], "data": record["data"],
+                "epochs": epoch, "iterations": len(record["iterations"]), "lr": self.config.lr,
+                "tensors": {k: list(v) for k, v in model.learned_parameters().items()}}
+            atomic_write(self.out / QAT_FILE, lambda p: p.write_text(json.dumps(quantization, indent=1)))
+        state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
         atomic_write(self.out / RESUME_FILE, lambda p: torch.save(state, p))
         atomic_write(self.out / RECORD_FILE, lambda p: p.write_text(json.dumps(record, indent=1)))
         plot_losses(record, self.out / PLOT_FILE)
@@ -360,12 +420,13 @@ def plot_losses(record: dict[str, Any], path: Path) -> Path | None:
         from matplotlib.figure import Figure  # object API: no display, no global state
     except ImportError:
         return None
-    rows = np.asarray(record["iterations"], np.float64).reshape(-1, 7)
+    columns = record.get("iteration_columns", ["iteration", "epoch", "lr", *LOSS_TERMS])
+    rows = np.asarray(record["iterations"], np.float64).reshape(-1, len(columns))
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     axes = figure.add_subplot()
     window = max(1, min(len(rows), record["epochs"][0]["iterations"] if record["epochs"] else 1))
     kernel = np.ones(window) / window
-    for column, name in zip(range(3, 7), ("total", "box", "classification", "landmarks")):
+    for column, name in enumerate(columns[3:], 3):
         if not rows[:, column].any():  # e.g. landmarks without landmark labels: nothing to draw on a log scale
             continue
         smoothed = np.convolve(rows[:, column], kernel, mode="valid") if len(rows) >= window else rows[:, column]
@@ -399,3 +460,4 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, device:
 
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "train", "learning_rate_schedule", "plot_losses"]
+
