@@ -356,7 +356,7 @@ def _epochs(text: str) -> tuple[int, ...]:
 def cmd_train(args: argparse.Namespace) -> int:
     require_torch("edgeface train")
     from edgeface.models import canonical_name
-    from edgeface.training.trainer import RECORD_FILE, TrainConfig, train
+    from edgeface.training.trainer import QAT_RECIPE, RECORD_FILE, TRAIN_RECIPE, TrainConfig, train
 
     out = Path(args.out)
     if args.resume:
@@ -368,17 +368,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         except (ValueError, KeyError, TypeError) as exc:
             raise EdgefaceError(f"{record} is not an edgeface training record ({first_line(exc)})") from None
         if args.epochs is not None:  # a finished run can be continued for more epochs
+            done = len(json.loads(record.read_text()).get("epochs", []))
+            if args.epochs <= done:
+                raise EdgefaceError(f"the run in {out} has done {done} epochs already; give --epochs above {done}")
             config = TrainConfig.from_dict({**config.to_dict(), "epochs": args.epochs})
     else:
         if not (args.images and args.annotations):
             raise EdgefaceError("give --images DIR and --annotations FILE (or --resume to continue the run in --out)")
         weights = None if args.weights == "none" else args.weights
+        if weights and Path(weights).expanduser().is_file():  # recorded absolute: a resume elsewhere finds it
+            weights = str(Path(weights).expanduser().resolve())
+        absolute = {name: str(Path(getattr(args, name)).resolve()) if getattr(args, name) else None
+                    for name in ("images", "annotations", "val_images", "val_gt")}
+        recipe = QAT_RECIPE if args.qat else TRAIN_RECIPE  # what is not given on the command line
+        schedule = {name: recipe[name] if getattr(args, name) is None else getattr(args, name) for name in recipe}
         config = TrainConfig(
-            images=args.images, annotations=args.annotations, model=canonical_name(args.backbone), weights=weights,
+            model=canonical_name(args.backbone), weights=weights,
             negative_slope={"relu": 0.0, "leaky": 0.1, None: None}[args.activation], image_size=args.imgsz,
-            epochs=args.epochs or 250, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
-            decay_epochs=args.decay_epochs, limit=args.limit, seed=args.seed, val_images=args.val_images,
-            val_gt=args.val_gt, val_epochs=args.val_epochs, val_limit=args.val_limit, qat=args.qat)
+            limit=args.limit, seed=args.seed, val_epochs=args.val_epochs, val_limit=args.val_limit, qat=args.qat,
+            **absolute, **schedule)
     log = functools.partial(print, file=sys.stderr)
     result = train(config, out, resume=args.resume, device=args.device, workers=args.workers, log=log,
                    progress=sys.stderr.isatty())
@@ -890,11 +898,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out (with --epochs: for longer)")
     _weights_options(p)
     p.set_defaults(weights="default")
-    p.add_argument("--epochs", type=_count(1), help="epochs (default 250, the reference's)")
-    p.add_argument("--batch-size", type=_count(1), default=32, help="images per step (default 32)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of SGD (default 1e-3)")
-    p.add_argument("--warmup-epochs", type=float, default=5.0, help="linear warm-up (default 5)")
-    p.add_argument("--decay-epochs", type=_epochs, default=(190, 220), help="lr x0.1 after these (default 190,220)")
+    p.add_argument("--epochs", type=_count(1), help="epochs (default 250, the reference's; 2 with --qat)")
+    p.add_argument("--batch-size", type=_count(1), help="images per step (default 32; 8 with --qat)")
+    p.add_argument("--lr", type=float, help="peak learning rate: SGD's (default 1e-3), with --qat Adam's for the "
+                                            "weights (default 1e-4)")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up (default 5; 0 with --qat)")
+    p.add_argument("--decay-epochs", type=_epochs, help="lr x0.1 after these (default 190,220; 1 with --qat)")
     p.add_argument("--imgsz", type=_count(32), default=640, help="square training size, a multiple of 32 "
                                                                   "(default 640)")
     p.add_argument("--limit", type=_count(1), help="train on the first N annotated images only")

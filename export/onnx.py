@@ -261,6 +261,8 @@ def build(model: torch.nn.Module, request: ExportRequest, *, symmetric_activatio
     if checks["onnxsim_max_abs_diff"] > 1e-3:
         raise EdgefaceError(f"onnxsim changed the model's outputs by {checks['onnxsim_max_abs_diff']:.2e}")
     calibration = None
+    if request.options.get("qat") and request.precision != "int8":
+        raise EdgefaceError(f"--qat is for --precision int8 (a full-integer model), not {request.precision}")
     if request.precision == "fp16":
         simplified = to_fp16(simplified)
     elif request.precision == "int8":
@@ -283,8 +285,16 @@ def _qat_for(model: torch.nn.Module, request: ExportRequest) -> dict[str, Any]:
     """The QAT record of ``request.options["qat"]``, refused with its reason when it cannot apply."""
     if kept := request.options.get("keep_float"):
         raise EdgefaceError(f"--qat makes every operator integer; drop --keep-float ({kept})")
+    if given := [name for name in ("method", "percentile") if request.options.get(name) is not None]:
+        raise EdgefaceError(f"--qat uses the run's learned quantisation, not a calibration method: drop "
+                            f"{', '.join(given)}")
     qat = read_qat_run(request.options["qat"])
     used = (getattr(model, "weights_info", None) or {}).get("sha256")
+    source = (getattr(model, "weights_info", None) or {}).get("source")
+    if used != qat.get("weights_sha256") and source and Path(source).resolve() == (
+            Path(request.options["qat"]) / "weights.pth").resolve():
+        raise EdgefaceError(f"weights.pth and {QAT_FILE} in {request.options['qat']} disagree (a save "
+                            "interrupted?): resume the run to write both again")
     if used != qat.get("weights_sha256"):
         raise EdgefaceError(f"the QAT run in {request.options['qat']} trained other weights than this export's "
                             f"({(getattr(model, 'weights_info', None) or {}).get('source')}): export its "

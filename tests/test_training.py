@@ -14,9 +14,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("albumentations")
 
 from edgeface.cli import main  # noqa: E402
+from edgeface.core.errors import EdgefaceError  # noqa: E402
 from edgeface.core.processing import AnchorSpec, decode_boxes, decode_landmarks, prior_boxes  # noqa: E402
 from edgeface.models import get_model  # noqa: E402
-from edgeface.training.augment import FLIP_ORDER, TrainAugmentation, centres_inside, choose_square_crop  # noqa: E402
+from edgeface.training.augment import TrainAugmentation, centres_inside, choose_square_crop  # noqa: E402
 from edgeface.training.batchnorm import conv_batchnorm_pairs, is_folded, unfold_batchnorm  # noqa: E402
 from edgeface.training.data import AnnotationError, read_annotations  # noqa: E402
 from edgeface.training.loss import LossWeights, hard_negatives, multibox_loss  # noqa: E402
@@ -174,9 +175,33 @@ def test_augmentation_keeps_boxes_and_landmarks_on_the_face_and_swaps_them_on_fl
     assert 0 < sum(flipped) < len(flipped)  # both cases were seen
 
 
-def test_flip_order_swaps_eyes_and_mouth_corners_only():
-    assert FLIP_ORDER == (1, 0, 2, 4, 3)
-    assert tuple(FLIP_ORDER[i] for i in FLIP_ORDER) == (0, 1, 2, 3, 4)
+def test_flipped_landmarks_and_boxes_mirror_alike():
+    """A landmark at the box centre stays at the box centre, flipped or not, cropped or padded (albumentations
+    mirrors points one pixel off the boxes; the augmentation corrects it)."""
+    augment = TrainAugmentation(96, (104, 117, 123))
+    image = np.zeros((120, 200, 3), np.uint8)
+    box = np.array([[30, 20, 90, 100]], np.float32)
+    centre = np.array([[[60, 60]] * 5], np.float32)
+    for seed in range(30):
+        out = augment(image, box, centre, np.array([True]), np.random.default_rng(seed))
+        np.testing.assert_allclose(out.landmarks[0], np.repeat(((out.boxes[0, :2] + out.boxes[0, 2:]) / 2)[None], 5, 0),
+                                   atol=1e-4)
+
+
+def test_boxes_overrunning_the_image_are_clipped_and_outside_ones_dropped():
+    augment = TrainAugmentation(64, (104, 117, 123))
+    image = np.zeros((100, 100, 3), np.uint8)
+    boxes = np.array([[150, 150, 180, 190], [-20, 10, 30, 40], [0, 0, 100, 100]], np.float32)
+    out = augment(image, boxes, np.zeros((3, 5, 2), np.float32), np.zeros(3, bool), np.random.default_rng(0))
+    assert 1 <= len(out.boxes) <= 2 and (out.boxes >= 0).all() and (out.boxes <= 1).all()
+
+
+def test_a_padded_image_is_padded_with_the_mean():
+    augment = TrainAugmentation(64, (104, 117, 123))
+    image = np.full((40, 100, 3), 200, np.uint8)  # the whole-image face fits no square crop: padded instead
+    out = augment(image, np.array([[0, 0, 100, 40]], np.float32), np.zeros((1, 5, 2), np.float32),
+                  np.array([False]), np.random.default_rng(3))
+    assert out.image[-1, 32].tolist() == [104, 117, 123]  # BGR, after the colour distortion of the image
 
 
 def test_square_crops_hold_a_whole_face_and_keep_faces_by_centre():
@@ -284,11 +309,16 @@ def test_schedule_warms_up_linearly_then_steps_down():
 @pytest.mark.parametrize("change, message", [
     ({"epochs": 0}, "epochs must be at least 1"),
     ({"image_size": 100}, "multiple of 32"),
+    ({"image_size": 32}, "from 64"),
     ({"lr": float("nan")}, "learning rate"),
+    ({"warmup_epochs": float("nan")}, "warm-up epochs"),
     ({"val_epochs": (1,)}, "validation epochs need"),
+    ({"val_images": "x"}, "both the images and the ground truth"),
+    ({"qat": True, "weights": None}, "QAT fine-tunes trained weights"),
+    ({"qat": True, "model": "retinaface_r50"}, "QAT is made for retinaface_mnet025"),
 ])
 def test_bad_configurations_are_refused(change, message):
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(EdgefaceError, match=message):
         Trainer(TrainConfig(images="", annotations="", **change), "unused")
 
 
@@ -318,10 +348,21 @@ def test_train_command_writes_a_loadable_checkpoint_resumes_and_refuses_to_overw
     # the reference state_dict layout, loadable as --weights by every command
     model = get_model("retinaface_mnet025", weights=str(out / "weights.pth"))
     assert model.weights_info["source"] == str(out / "weights.pth")
-    assert main(args) == 2 and "already holds a training run" in capsys.readouterr().err
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(args) == 2 and "already holds" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing overwritten
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "1"]) == 2  # nothing left to do
+    assert "has done 1 epochs already" in capsys.readouterr().err
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2"]) == 0
-    record = json.loads((out / "run.json").read_text())
-    assert [e["epoch"] for e in record["epochs"]] == [1, 2] and record["finished"]
+    resumed = json.loads((out / "run.json").read_text())
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2] and resumed["finished"]
+    # what the first part recorded is kept: start weights, BatchNorm treatment
+    assert resumed["start_weights"] == record["start_weights"] and resumed["batchnorm"] == record["batchnorm"]
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "run.json").write_text("my notes")
+    assert main([*args[:5], "--out", str(lone), *args[7:]]) == 2  # a user's file of that name is never replaced
+    assert (lone / "run.json").read_text() == "my notes"
     assert main(["train", "--out", str(tmp_path / "empty"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
 
@@ -332,3 +373,12 @@ def test_training_on_validation_images_is_refused(wider_images, wider_gt, tmp_pa
                  "--out", str(tmp_path / "run"), "--val-images", str(wider_images), "--val-gt", str(wider_gt),
                  "--val-epochs", "1", "--epochs", "1"]) == 2
     assert "also validation images" in capsys.readouterr().err
+
+
+def test_recipes_name_config_fields_and_the_config_defaults_are_the_reference_recipe():
+    from edgeface.training.trainer import QAT_RECIPE, TRAIN_RECIPE
+
+    defaults = TrainConfig(images="", annotations="")
+    assert {name: getattr(defaults, name) for name in TRAIN_RECIPE} == TRAIN_RECIPE
+    assert set(QAT_RECIPE) == set(TRAIN_RECIPE)
+    TrainConfig(images="", annotations="", qat=True, **QAT_RECIPE).check()

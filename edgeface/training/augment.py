@@ -60,22 +60,29 @@ def centres_inside(boxes: np.ndarray, x: int, y: int, side: int) -> np.ndarray:
 class TrainAugmentation:
     """Callable: (BGR image, boxes (F, 4) pixels, landmarks (F, 5, 2) pixels, has_landmarks (F,), rng) ->
     :class:`Augmented` at ``size`` x ``size``. ``fill_bgr``, the padding colour of an image whose crop fails (it is
-    padded to a square instead), is the model's mean, i.e. zero after mean subtraction."""
+    padded to a square instead), is the model's mean, i.e. zero after mean subtraction.
+
+    Boxes are first clipped to the image (annotations may overrun it) and those left without area dropped. Raises
+    :class:`~edgeface.core.errors.EdgefaceError` when albumentations is not installed."""
 
     def __init__(self, size: int, fill_bgr: Sequence[float]) -> None:
-        self.albumentations = require("albumentations", "train", "training augmentation")
+        require("albumentations", "train", "training augmentation")  # checked here, imported where used (pickling)
         self.size = size
         self.fill = tuple(float(v) for v in fill_bgr)
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray, has_landmarks: np.ndarray,
                  rng: np.random.Generator) -> Augmented:
-        A = self.albumentations
+        import albumentations as A
+
         height, width = image.shape[:2]
+        boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+        inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, landmarks, has_landmarks = boxes[inside], landmarks[inside], has_landmarks[inside]
         crop = choose_square_crop((height, width), boxes, rng) if len(boxes) else None
         if crop is None:  # the reference pads the whole image to a square (top-left aligned) instead
             side = max(height, width)
             geometry = A.PadIfNeeded(min_height=side, min_width=side, position="top_left",
-                                     border_mode=cv2.BORDER_CONSTANT, fill=self.fill, p=1.0)
+                                     border_mode=cv2.BORDER_CONSTANT, fill=self.fill[::-1], p=1.0)  # RGB here
             keep = np.ones(len(boxes), bool)
         else:
             x, y, side = crop
@@ -83,11 +90,13 @@ class TrainAugmentation:
             keep = centres_inside(boxes, x, y, side)
         flip = bool(rng.random() < 0.5)
         transforms = [
+            # the reference's _distort, before the padding: brightness +-32 levels, contrast x0.5-1.5, saturation
+            # x0.5-1.5, hue +-18 (of 180), each independently half the time
+            A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0, contrast_limit=0.5, p=0.5),
+            A.ColorJitter(brightness=0, contrast=0, saturation=(0.5, 1.5), hue=0, p=0.5),
+            A.ColorJitter(brightness=0, contrast=0, saturation=0, hue=0.1, p=0.5),
             geometry,
-            # brightness +-32 levels and contrast x0.5-1.5, then saturation x0.5-1.5 and hue +-18 (of 180), each
-            # half the time: the reference's _distort
-            A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0.5, p=0.5),
-            A.ColorJitter(brightness=0, contrast=0, saturation=(0.5, 1.5), hue=0.1, p=0.5),
             *([A.HorizontalFlip(p=1.0)] if flip else []),
             A.Resize(self.size, self.size, interpolation=int(rng.choice(INTERPOLATIONS)), p=1.0),
         ]
@@ -105,6 +114,9 @@ class TrainAugmentation:
         position = {int(f): i for i, f in enumerate(kept)}
         points = np.asarray(out["keypoints"], np.float32).reshape(-1, 5, 2)
         if flip:
+            # albumentations mirrors points to (width - 1) - x but boxes to width - x; the reference mirrors both to
+            # width - x: one source pixel, size / side pixels here
+            points[:, :, 0] += self.size / side
             points = points[:, FLIP_ORDER]
         points = points[[position[int(f)] for f in faces]] if len(faces) else points[:0]
         scale = np.float32(self.size)

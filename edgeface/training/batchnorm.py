@@ -50,7 +50,7 @@ def unfold_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
     def record(bn, inputs, _output):
         x = inputs[0].double()
         sums[bn].append(torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)),
-                                     torch.full((x.shape[1],), x.numel() / x.shape[1], dtype=x.dtype)]))
+                                     torch.full((x.shape[1],), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)]))
 
     was_training = model.training
     model.eval()

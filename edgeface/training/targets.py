@@ -88,11 +88,11 @@ def match_priors(
     if not valid.any():
         return PriorTargets(labels, loc, landmark_targets, mask)
     best_face_iou, best_face = overlaps.max(dim=0)  # each prior's best face
-    # Every matchable face claims its best prior, even under the threshold (later faces win a shared prior, as in
-    # the reference's loop).
+    # Every matchable face claims its best prior, even under the threshold.
     claimed = best_prior[valid]
     best_face_iou[claimed] = 2.0
-    best_face[claimed] = torch.nonzero(valid).flatten()
+    # a prior claimed by several faces goes to the last of them (the reference's loop), on any device
+    best_face.scatter_reduce_(0, claimed, torch.nonzero(valid).flatten(), "amax", include_self=False)
     positive = best_face_iou >= iou_threshold
     labels[positive] = 1
     matched = best_face[positive]

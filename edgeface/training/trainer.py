@@ -9,7 +9,9 @@ A run writes, in its output folder, after every epoch (each file whole or not at
 - ``resume.pth``: the same weights with the optimizer and scheduler state (``edgeface train --resume OUT``);
 - ``run.json``: the record of the run: data, hyper-parameters, start weights, library versions, device, per-epoch
   losses and validation AP, timing;
-- ``loss.png``: the loss terms per iteration, and validation AP where measured.
+- ``loss.png``: the loss terms per iteration, and validation AP where measured;
+- with ``qat``, ``quantization.json``: the learned quantisation of each tensor and the run's summary, which
+  ``edgeface export --target onnx --precision int8 --qat OUT`` reads.
 """
 
 from __future__ import annotations
@@ -44,15 +46,23 @@ from edgeface.models import get_model
 from edgeface.training.augment import TrainAugmentation
 from edgeface.training.batchnorm import unfold_batchnorm
 from edgeface.training.data import FaceAnnotations, read_annotations
+from edgeface.training.equalize import STRENGTH as EQUALIZE_STRENGTH
+from edgeface.training.equalize import equalize_activations
 from edgeface.training.loss import LossWeights, distillation_loss, multibox_loss
 from edgeface.training.qat import QuantizationAwareRetinaFace, QuantizationScheme, onnxruntime_parameters
 from edgeface.training.targets import match_priors
 
 RUN_FORMAT = 1
+# The schedules `edgeface train` uses unless told otherwise: the reference implementation's for training, and for
+# QAT a short fine-tune (Adam; every learning rate x0.1 after the first epoch).
+TRAIN_RECIPE = {"epochs": 250, "batch_size": 32, "lr": 1e-3, "warmup_epochs": 5.0, "decay_epochs": (190, 220)}
+QAT_RECIPE = {"epochs": 2, "batch_size": 8, "lr": 1e-4, "warmup_epochs": 0.0, "decay_epochs": (1,)}
 WEIGHTS_FILE, RESUME_FILE, RECORD_FILE, PLOT_FILE = "weights.pth", "resume.pth", "run.json", "loss.png"
+RUN_FILES = (WEIGHTS_FILE, RESUME_FILE, RECORD_FILE, PLOT_FILE, QAT_FILE)
 LOSS_TERMS = ("total", "box", "classification", "landmarks")
-# QAT: Adam's learning rates of the activation quantisers (log-scales, zero points in integer steps), whatever the
-# weights' --lr; and the training images whose min-max calibration starts them.
+# QAT: Adam's peak learning rates of the activation quantisers (log-scales, zero points in integer steps), whatever
+# the weights' --lr (the schedule scales all three alike); and the training images whose min-max calibration starts
+# them.
 QAT_SCALE_LR, QAT_ZERO_POINT_LR = 1e-3, 1e-2
 QAT_CALIBRATION_IMAGES = 32
 # Training images whose BatchNorm inputs re-estimate the statistics of folded start weights (unfold_batchnorm).
@@ -110,12 +120,16 @@ class TrainConfig:
             problems.append(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             problems.append(f"batch size must be at least 1, got {self.batch_size}")
-        if self.image_size < 32 or self.image_size % 32:
-            problems.append(f"image size must be a multiple of 32 from 32, got {self.image_size}")
+        if self.image_size < 64 or self.image_size % 32:  # at 32 the last level is 1 x 1: BatchNorm cannot train
+            problems.append(f"image size must be a multiple of 32 from 64, got {self.image_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"learning rate must be a positive number, got {self.lr}")
-        if self.warmup_epochs < 0:
-            problems.append(f"warm-up epochs must be 0 or more, got {self.warmup_epochs}")
+        if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
+            problems.append(f"warm-up epochs must be a number from 0, got {self.warmup_epochs}")
+        if self.qat and self.model != "retinaface_mnet025":
+            problems.append(f"QAT is made for retinaface_mnet025 (its MobileNet stage is equalised), not {self.model}")
+        if bool(self.val_images) != bool(self.val_gt):
+            problems.append("validation needs both the images and the ground truth (--val-images, --val-gt)")
         if self.qat and self.weights is None:
             problems.append("QAT fine-tunes trained weights for INT8: give --weights (default, a name or a file)")
         if self.val_epochs and not (self.val_images and self.val_gt):
@@ -199,6 +213,7 @@ class Trainer:
         self.config, self.out = config, Path(out)
         self.device = _device(device)
         self.workers, self.log, self.progress = workers, log, progress
+        self.equalized: str | None = None  # QAT: what equalize_activations did (recorded)
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     def _data(self) -> list[FaceAnnotations]:
@@ -237,9 +252,10 @@ class Trainer:
         torch.manual_seed(c.seed)
         annotations = self._data()
         resume_state = self._resume_state() if resume else None
-        if not resume and (self.out / RESUME_FILE).exists():
-            raise EdgefaceError(f"{self.out} already holds a training run; resume it with --resume {self.out}, or "
-                                "give another output folder")
+        present = [name for name in RUN_FILES if (self.out / name).exists()]
+        if not resume and present:
+            raise EdgefaceError(f"{self.out} already holds {', '.join(present)}: resume the run there with --resume, "
+                                "or give another output folder (nothing was overwritten)")
         model = get_model(c.model, weights=None if resume_state else c.weights, negative_slope=c.negative_slope)
         start_weights = getattr(model, "weights_info", None)
         model.to(self.device)
@@ -250,6 +266,7 @@ class Trainer:
             unfolded = 0
             if resume_state is None:
                 count = min(len(dataset), UNFOLD_IMAGES)
+                self.log(f"checking the start weights' BatchNorm statistics on {count} training images")
                 batches = (collate([dataset[i] for i in range(start, min(count, start + c.batch_size))])[0]
                            .to(self.device) for start in range(0, count, c.batch_size))
                 unfolded = unfold_batchnorm(model, batches)
@@ -279,7 +296,7 @@ class Trainer:
             "teacher": {"weights": start_weights, "loss": "distillation_loss (edgeface.training.loss): KL of the "
                         "class scores, smooth-L1 of box and landmark offsets, weighted by the teacher's face "
                         f"probability; x{c.distillation:g}, added to the ground-truth loss"} if c.qat else None,
-            "quantization": QuantizationScheme().to_dict() if c.qat else None,
+            "quantization": {**QuantizationScheme().to_dict(), "equalization": self.equalized} if c.qat else None,
             "iteration_columns": ["iteration", "epoch", "lr", *LOSS_TERMS, *(["distillation"] if c.qat else [])],
             "batchnorm": batchnorm,
             "versions": library_versions("edgeface", "torch", "numpy", "albumentations", "opencv-python-headless"),
@@ -292,7 +309,11 @@ class Trainer:
             optimizer.load_state_dict(resume_state["optimizer"])
             scheduler.load_state_dict(resume_state["scheduler"])
             previous = json.loads((self.out / RECORD_FILE).read_text())
-            record.update({k: previous[k] for k in ("start_weights", "epochs", "iterations", "seconds")})
+            if previous["data"]["annotations_sha256"] != record["data"]["annotations_sha256"]:
+                raise EdgefaceError(f"{c.annotations} changed since the run in {self.out} started; resume with the "
+                                    "same annotations, or start a new run")
+            record.update({k: previous[k] for k in ("start_weights", "teacher", "batchnorm", "epochs",
+                                                    "iterations", "seconds", "quantization") if k in previous})
             first_epoch = int(resume_state["epoch"])
             self.log(f"resuming {self.out} after epoch {first_epoch}")
         priors = torch.from_numpy(prior_boxes((c.image_size, c.image_size), model.config.anchors).copy())
@@ -305,7 +326,7 @@ class Trainer:
             loader = DataLoader(dataset, batch_size=c.batch_size, shuffle=True, num_workers=self.workers,
                                 collate_fn=collate, generator=torch.Generator().manual_seed(c.seed * 100003 + epoch))
             sums: dict[str, float] = {}
-            bar = _bar(loader, f"epoch {epoch + 1}/{c.epochs}", self.progress)
+            bar = _bar(_loaded(loader), f"epoch {epoch + 1}/{c.epochs}", self.progress, total=len(loader))
             for images, faces in bar:
                 targets = [match_priors(f["boxes"].to(self.device), f["landmarks"].to(self.device),
                                         f["has_landmarks"].to(self.device), priors, variance=variance) for f in faces]
@@ -370,7 +391,11 @@ class Trainer:
         else:
             count = min(len(dataset), QAT_CALIBRATION_IMAGES)
             calibration = [dataset[i][0][None].numpy() for i in range(count)]
-            self.log(f"QAT: onnxruntime min-max calibration of the full-integer graph on {count} training images")
+            chains = equalize_activations(model.body.stage1, model,
+                                          [torch.from_numpy(b).to(self.device) for b in calibration])
+            self.equalized = f"body.stage1: {chains} chains, strength {EQUALIZE_STRENGTH} ({count} training images)"
+            self.log(f"QAT: activations of {self.equalized} equalised; onnxruntime min-max calibration of the "
+                     "full-integer graph")
             initial = onnxruntime_parameters(copy.deepcopy(model).cpu(), calibration, (size, size),
                                              opset=OPSET.default)
         return QuantizationAwareRetinaFace(model, {k: tuple(v) for k, v in initial.items()}).to(self.device)
@@ -404,13 +429,23 @@ class Trainer:
         state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
         atomic_write(self.out / RESUME_FILE, lambda p: torch.save(state, p))
-        atomic_write(self.out / RECORD_FILE, lambda p: p.write_text(json.dumps(record, indent=1)))
+        atomic_write(self.out / RECORD_FILE, lambda p: p.write_text(json.dumps(record)))
         plot_losses(record, self.out / PLOT_FILE)
 
 
-def _bar(items, description: str, progress: bool):
-    return tqdm(items, desc=description, unit="batch", file=sys.stderr, leave=False,
+def _bar(items, description: str, progress: bool, total: int):
+    return tqdm(items, desc=description, unit="batch", file=sys.stderr, leave=False, total=total,
                 disable=not progress or not sys.stderr.isatty())
+
+
+def _loaded(loader: DataLoader):
+    """The loader's batches; an EdgefaceError raised in a worker process (a damaged image) comes out as its one
+    line, not with the worker's traceback that PyTorch puts into the message."""
+    try:
+        yield from loader
+    except EdgefaceError as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise EdgefaceError(lines[-1].split("Error: ", 1)[-1] if len(lines) > 1 else str(exc)) from None
 
 
 def plot_losses(record: dict[str, Any], path: Path) -> Path | None:
