@@ -185,9 +185,13 @@ def _device(name: str) -> torch.device:
         raise EdgefaceError(f"--device {name}: no CUDA device is visible to PyTorch here (torch "
                             f"{torch.__version__}); train with --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise EdgefaceError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise EdgefaceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"numbered from 0")
+    return device
 
 
 def _device_name(device: torch.device) -> str:
@@ -407,6 +411,8 @@ class Trainer:
         return torch.load(path, map_location=self.device, weights_only=True)
 
     def _validate(self, model: torch.nn.Module) -> dict[str, float]:
+        """WIDER AP of a copy of ``model`` on the CPU (the protocol's original-scale images do not batch), by
+        :func:`~edgeface.evaluation.accuracy.evaluate_detector`."""
         c = self.config
         evaluated = copy.deepcopy(model).cpu().eval()
         detector = Detector.for_model(evaluated, **{**WIDER_SETTINGS, "resize": c.val_resize})
