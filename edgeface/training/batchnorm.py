@@ -13,7 +13,7 @@ eval mode), and its weights are again on the scale SGD's learning rates assume.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,21 @@ def conv_batchnorm_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm
             pairs += [(a, b) for a, b in zip(children, children[1:])
                       if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d)]
     return pairs
+
+
+def observe(model: nn.Module, hooks: list[tuple[nn.Module, Callable]], batches: Iterable[Tensor]) -> None:
+    """Run ``batches`` through ``model`` in eval mode with each (module, forward hook) attached, then detach them
+    and restore the model's mode: how the statistics of activations are gathered here."""
+    was_training = model.training
+    model.eval()
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
 
 
 def is_folded(batchnorm: nn.BatchNorm2d) -> bool:
@@ -52,16 +67,7 @@ def unfold_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
         sums[bn].append(torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)),
                                      torch.full((x.shape[1],), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)]))
 
-    was_training = model.training
-    model.eval()
-    hooks = [bn.register_forward_hook(record) for _, bn in pairs]
-    try:
-        for batch in batches:
-            model(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
+    observe(model, [(bn, record) for _, bn in pairs], batches)
     for conv, bn in pairs:
         total, squares, count = torch.stack(sums[bn]).sum(0)
         mean = total / count

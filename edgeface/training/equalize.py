@@ -22,6 +22,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from edgeface.training.batchnorm import observe
+
 STRENGTH = 0.5
 
 
@@ -65,16 +67,7 @@ def equalize_activations(stage: nn.Sequential, model: nn.Module, batches: Iterab
             ranges[index] = torch.maximum(ranges[index], span) if index in ranges else span
         return hook
 
-    hooks = [act.register_forward_hook(record(i)) for i, (_, _, act) in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
+    observe(model, [(act, record(i)) for i, (_, _, act) in enumerate(layers)], batches)
     chains = 0
     for k in range(0, len(layers) - 2, 2):
         (_, first_bn, _), (_, depthwise_bn, _), (reader, _, _) = layers[k:k + 3]

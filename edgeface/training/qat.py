@@ -36,6 +36,7 @@ from edgeface.core.errors import EdgefaceError
 from edgeface.export.base import quiet
 from edgeface.export.onnx import PASS_THROUGH, export_float, quantised_tensors, simplify, to_int8
 from edgeface.models.retinaface import SSH, RetinaFace
+from edgeface.training.batchnorm import conv_batchnorm_pairs
 
 # onnxruntime's ranges: uint8 activations, int8 symmetric weights without -128 (WeightSymmetric), and the fixed
 # output quantisation of QLinearSoftmax.
@@ -117,12 +118,7 @@ def _scope(root: nn.Module, path: str) -> str:
 
 def _conv_batchnorm(net: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]]:
     """(path, convolution, the BatchNorm right after it in its Sequential or None) for every convolution."""
-    following: dict[nn.Conv2d, nn.BatchNorm2d] = {}
-    for block in net.modules():
-        if isinstance(block, nn.Sequential):
-            children = list(block)
-            following.update({a: b for a, b in zip(children, children[1:])
-                              if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d)})
+    following = dict(conv_batchnorm_pairs(net))
     return [(path, m, following.get(m)) for path, m in net.named_modules() if isinstance(m, nn.Conv2d)]
 
 
