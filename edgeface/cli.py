@@ -443,6 +443,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     # the targets' own flags that were given (the export refuses one the target does not take)
     options = {**board_options, **{name: value for name, value in vars(args).items()
                                    if name in _TARGET_FLAGS and value is not None}}
+    if options.get("qat") and not Path(options["qat"]).is_dir():
+        raise EdgefaceError(f"--qat {options['qat']}: no such folder; give the --out folder of a QAT run "
+                            "(`edgeface train --qat --out DIR`)")
     if options.get("qat") and args.weights == "default":  # a QAT run exports the weights it trained
         args.weights = str(Path(options["qat"]) / "weights.pth")
     sizes = args.imgsz or [None]

@@ -145,11 +145,14 @@ def test_train_qat_then_export_gives_a_full_integer_onnx_model(wider_train, tmp_
     assert main(["export", "--target", "jetson", "--precision", "int8", "--qat", str(run),
                  "--out", str(tmp_path / "b4")]) == 2
     assert "is not an option of the tensorrt target" in capsys.readouterr().err
+    assert main(["export", "--target", "onnx", "--precision", "int8", "--qat", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "b6")]) == 2
+    assert "no such folder" in capsys.readouterr().err
     (run / "quantization.json").write_text(json.dumps({**quantization, "tensors": {"input": [0, 300]}}))
     assert main(["export", "--target", "onnx", "--precision", "int8", "--qat", str(run), "--imgsz", "160",
                  "--out", str(tmp_path / "b5"), "--calib-n", "1"]) == 2
     assert "is not a QAT record" in capsys.readouterr().err
-    assert not any((tmp_path / f"b{i}").exists() for i in range(2, 6))
+    assert not any((tmp_path / f"b{i}").exists() for i in range(2, 7))
 
 
 def test_equalising_stage1_keeps_the_function_and_narrows_the_channel_ranges(model, photo_batches):
