@@ -25,7 +25,7 @@ from edgeface.core.processing import DEFAULT_RESIZE, MAX_THREADS
 from edgeface.core.versions import __version__
 from edgeface.evaluation.accuracy import WIDER_SETTINGS, default_image_dir, evaluate_detector, spread
 from edgeface.evaluation.widerface import evaluate, load_ground_truth, read_predictions
-from edgeface.export import aliases, get_spec, list_targets, resolve_target, specs, targets_taking
+from edgeface.export import aliases, check_options, get_spec, list_targets, resolve_target, specs, targets_taking
 from edgeface.export.base import DEFAULT_IMGSZ
 from edgeface.export.tensorrt import build_engine  # reads no converter library: runs on a device install
 from edgeface.inference import stream
@@ -443,6 +443,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     # the targets' own flags that were given (the export refuses one the target does not take)
     options = {**board_options, **{name: value for name, value in vars(args).items()
                                    if name in _TARGET_FLAGS and value is not None}}
+    check_options(args.target, options)  # before reading what they name: a foreign --qat is that error first
     if options.get("qat") and not Path(options["qat"]).is_dir():
         raise EdgefaceError(f"--qat {options['qat']}: no such folder; give the --out folder of a QAT run "
                             "(`edgeface train --qat --out DIR`)")
