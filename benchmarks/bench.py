@@ -19,6 +19,7 @@ from edgeface.runtimes import get_runtime_class, list_runtimes
 
 from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError
+from edgeface.core.files import sha256_file
 from edgeface.core.images import ASTRONAUT, load_image
 from edgeface.core.parity import compare
 from edgeface.core.versions import library_versions
@@ -230,7 +231,11 @@ def _accuracy(detector, data: dict[str, Any], progress: bool) -> dict[str, Any]:
     if _is_fp32_torch(detector):  # it is its own reference: evaluating PyTorch again would only double the time
         reference, base = detector.runtime.network, dict(result.ap)
     else:
-        weights = data.get("weights") or (manifest.model.get("weights") or {}).get("name") or "default"
+        weights = data.get("weights") or _recorded_weights(manifest.model.get("weights") or {})
+        if weights is None:
+            source = manifest.model["weights"].get("source")
+            return {**out, "delta_ap": None, "delta_reason": f"no FP32 reference: the bundle's weights are a local "
+                    f"checkpoint ({source}) not found here with the recorded sha256; name it with --weights PATH"}
         try:
             from edgeface.models import get_model  # deferred: PyTorch, absent on a device install
 
@@ -244,6 +249,20 @@ def _accuracy(detector, data: dict[str, Any], progress: bool) -> dict[str, Any]:
     out.update(fp32_torch_ap=base, delta_ap={k: round(result.ap[k] - base[k], 5) for k in result.ap},
                vs_fp32_torch=_agreement(reference, wider, data, gt))
     return out
+
+
+def _recorded_weights(recorded: dict[str, Any]) -> str | None:
+    """The FP32 reference weights of a bundle from its manifest's ``model.weights``: the registered name; else the
+    local checkpoint it was exported from (``source``) when that file is here with the recorded sha256; else None.
+    A manifest recording no weights means the default ones."""
+    if recorded.get("name"):
+        return recorded["name"]
+    if not recorded.get("sha256"):
+        return "default"
+    source = recorded.get("source")
+    if source and Path(source).is_file() and sha256_file(source) == recorded["sha256"]:
+        return source
+    return None
 
 
 def _is_fp32_torch(detector) -> bool:

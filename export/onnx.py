@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from edgeface.export.base import Conversion, ExportRequest, TargetOption, TargetSpec
+from edgeface.export.qat_run import QAT_OPTION, qat_run_for, qat_summary
 
 from edgeface.core.errors import EdgefaceError, require
 from edgeface.core.manifest import OUTPUTS
@@ -40,12 +41,8 @@ INT8_OPTIONS = (
     TargetOption("keep_float", "int8: nodes kept in float: 'heads' and node-name prefixes (default "
                  f"{list(INT8_KEEP_FLOAT)})"),
     TargetOption("percentile", f"int8 with method percentile: the percentile (default {INT8_PERCENTILE})"),
-    TargetOption("qat", "int8: the folder of a QAT run (`edgeface train --qat --out DIR`): full-integer INT8 "
-                 "(nothing kept in float) with the run's weights and learned activation quantisation", flag="--qat"),
+    QAT_OPTION,
 )
-# What a QAT run leaves for the export (edgeface.training.qat): learned activation quantisation by tensor name.
-QAT_FILE = "quantization.json"
-QAT_FORMAT = 1
 # Operators whose output onnxruntime quantises with their input's parameters (values are only moved or copied).
 PASS_THROUGH = {"Resize", "Slice", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 SPEC = TargetSpec(
@@ -228,27 +225,6 @@ def tensor_overrides(proto: onnx.ModelProto, learned: dict[str, tuple[float, int
             for name, (scale, zero) in chosen.items()}
 
 
-def read_qat_run(folder: str | Path) -> dict[str, Any]:
-    """The :data:`QAT_FILE` of a QAT run folder, checked: format, scheme, and a (scale > 0, zero point 0-255) pair
-    for each tensor. Raises :class:`EdgefaceError` in one line."""
-    import json
-
-    path = Path(folder) / QAT_FILE
-    if not path.is_file():
-        raise EdgefaceError(f"--qat {folder}: no {QAT_FILE} there; give the folder of a QAT run (`edgeface train --qat --out DIR`)")
-    try:
-        record = json.loads(path.read_text())
-        tensors = {str(k): (float(v[0]), int(v[1])) for k, v in record["tensors"].items()}
-        ok = (record.get("format") == QAT_FORMAT and isinstance(record.get("scheme"), dict) and tensors
-              and all(s > 0 and np.isfinite(s) and 0 <= z <= 255 for s, z in tensors.values()))
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        ok = False
-    if not ok:
-        raise EdgefaceError(f"{path} is not a QAT record of this edgeface (format {QAT_FORMAT}: scheme, and a scale "
-                            "> 0 and a zero point 0-255 per tensor)")
-    return {**record, "tensors": tensors}
-
-
 def build(model: torch.nn.Module, request: ExportRequest, *, symmetric_activations: bool = False
           ) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, Any]]:
     """The ONNX model of a request, with calibration details and checks; shared with the TensorRT target."""
@@ -275,8 +251,7 @@ def build(model: torch.nn.Module, request: ExportRequest, *, symmetric_activatio
                                           symmetric_activations=symmetric_activations, **options)
         calibration["source"] = request.calibration_source
         if qat is not None:
-            calibration["qat"] = {k: v for k, v in qat.items() if k != "tensors"}
-            calibration["qat"]["learned_tensors"] = len(qat["tensors"])
+            calibration["qat"] = qat_summary(qat)
     onnx.checker.check_model(simplified)
     return simplified, calibration, checks
 
@@ -288,17 +263,7 @@ def _qat_for(model: torch.nn.Module, request: ExportRequest) -> dict[str, Any]:
     if given := [name for name in ("method", "percentile") if request.options.get(name) is not None]:
         raise EdgefaceError(f"--qat uses the run's learned quantisation, not a calibration method: drop "
                             f"{', '.join(given)}")
-    qat = read_qat_run(request.options["qat"])
-    used = (getattr(model, "weights_info", None) or {}).get("sha256")
-    source = (getattr(model, "weights_info", None) or {}).get("source")
-    if used != qat.get("weights_sha256") and source and Path(source).resolve() == (
-            Path(request.options["qat"]) / "weights.pth").resolve():
-        raise EdgefaceError(f"weights.pth and {QAT_FILE} in {request.options['qat']} disagree (a save "
-                            "interrupted?): resume the run to write both again")
-    if used != qat.get("weights_sha256"):
-        raise EdgefaceError(f"the QAT run in {request.options['qat']} trained other weights than this export's "
-                            f"({(getattr(model, 'weights_info', None) or {}).get('source')}): export its "
-                            "weights.pth (leave --weights out)")
+    qat = qat_run_for(model, request.options["qat"])
     if request.opset != qat.get("opset", request.opset):
         raise EdgefaceError(f"the QAT run named the tensors of an opset {qat['opset']} export; export with "
                             f"--opset {qat['opset']}")

