@@ -17,6 +17,7 @@ from edgeface.benchmarks.bench import bench, device_info, parse_sizes, report
 from edgeface.benchmarks.plots import plot_merged, plot_report
 from edgeface.benchmarks.report import header, load_report, rows, to_markdown, write_tables
 from edgeface.boards.profiles import get_board, list_boards
+from edgeface.core.align import ARCFACE_SIZE, crop_size
 from edgeface.core.errors import TORCH_EXTRA, EdgefaceError, first_line, require_torch
 from edgeface.core.files import atomic_write, captured_output
 from edgeface.core.images import IMAGE_SUFFIXES, draw_faces, list_images, load_image, output_names
@@ -122,8 +123,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if not (source.is_dir() or source.is_file()):
         raise EdgefaceError(f"no such image or folder: {source}")
     out = _Outputs(Path(args.out), "--out", source) if args.out else None
-    if source.is_dir():
-        paths = [p for p in list_images(source) if not (out and out.holds(p))]  # not the results of a past run
+    crops = _Outputs(Path(args.crops), "--crops", source) if args.crops else None
+    if source.is_dir():  # not the results of a past run
+        paths = [p for p in list_images(source) if not any(o and o.holds(p) for o in (out, crops))]
         if not paths:
             raise EdgefaceError(f"no images found under {source}")
         names = output_names(paths, source)
@@ -148,6 +150,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
             total += len(faces)
             record = {"image": str(path), "width": image.shape[1], "height": image.shape[0],
                       "faces": [f.to_dict() for f in faces]}
+            if crops:
+                for k, (face, entry) in enumerate(zip(faces, record["faces"])):
+                    entry["crop"] = str(crops.write_crop(f"{names[path]}_face{k}", face.align(image, args.crop_size)))
             if args.json:
                 print(json.dumps(record), flush=True)
             elif len(paths) == 1:
@@ -157,6 +162,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 out.write_image(names[path], image, faces)
                 out.write_record(names[path], record)
     where = f"; annotated images and JSON in {out.folder}{out.replaced_note()}" if out else ""
+    if crops:
+        where += f"; aligned crops ({args.crop_size[0]}x{args.crop_size[1]}) in {crops.folder}{crops.replaced_note()}"
     failures = f", {failed} failed (listed above)" if failed else ""
     print(f"{total} face(s) in {len(paths) - failed} image(s){failures}{where}", file=sys.stderr)
     return 2 if failed else 0
@@ -258,6 +265,17 @@ class _Outputs:
         if not ok:
             raise EdgefaceError(f"could not encode the annotated image for {path}")
         self._write(path, _marked_jpeg(encoded.tobytes()))
+
+    def write_crop(self, name: str, crop) -> Path:
+        """``name.jpg``: an aligned face crop (JPEG quality 95), marked as edgeface's; returns its path."""
+        import cv2
+
+        path = _suffixed(self.folder / name, ".jpg")
+        ok, encoded = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if not ok:
+            raise EdgefaceError(f"could not encode the aligned crop {path}")
+        self._write(path, _marked_jpeg(encoded.tobytes()))
+        return path
 
     def write_record(self, name: str, record: dict) -> None:
         """``name.json``: the image's record (image, width, height, faces)."""
@@ -395,6 +413,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                                           if last else ""))
     print(f"record: {out / RECORD_FILE}")
     return 0
+
+
+def _crop_size(text: str) -> tuple[int, int]:
+    """``112`` or ``96x112`` (width x height) as (width, height)."""
+    parts = text.lower().split("x")
+    try:
+        return crop_size(tuple(int(v) for v in parts) if len(parts) == 2 else int(parts[0]))
+    except (ValueError, EdgefaceError):
+        raise argparse.ArgumentTypeError(f"{text!r}: give WxH pixels, 16-4096, e.g. 112 or 96x112") from None
 
 
 def _imgsz(text: str) -> list[tuple[int, int]]:
@@ -799,6 +826,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="image file or folder (searched recursively)")
     p.add_argument("--out", help="write annotated images and one JSON per image here")
     p.add_argument("--json", action="store_true", help="print one JSON line per image to stdout")
+    p.add_argument("--crops", help="write each face's aligned crop here (5-point similarity to the ArcFace "
+                   "template, what insightface-style recognisers take): NAME_faceK.jpg")
+    p.add_argument("--crop-size", type=_crop_size, default=(ARCFACE_SIZE, ARCFACE_SIZE),
+                   help=f"--crops size, WxH or one number (default {ARCFACE_SIZE}; 96x112 for SphereFace-style)")
     _strict_option(p, "image")
     _threshold_options(p)
     _model_options(p, resize=str(DEFAULT_RESIZE), threads="the runtime library's own choice")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+
+from edgeface.core.align import ARCFACE_SIZE, align_face
 
 # Order of the 5 landmarks in every output of edgeface (the order RetinaFace was trained with). "left" and
 # "right" are as seen in the image: on an upright frontal face ``left_eye`` has the smaller x (it is the
@@ -30,6 +35,14 @@ class Face:
     @property
     def height(self) -> float:
         return self.box[3] - self.box[1]
+
+    def align(self, image: np.ndarray, size: int | Sequence[int] = ARCFACE_SIZE) -> np.ndarray:
+        """The face's aligned crop from ``image`` (the H x W x 3 array it was detected in): ``size`` (112, or
+        (width, height) such as (96, 112)) pixels, eyes, nose and mouth corners moved onto the ArcFace template
+        by a similarity transform (:func:`edgeface.core.align.align_face`), what insightface-style recognisers
+        take. Returns (height, width, 3), ``image``'s dtype and channel order. Raises EdgefaceError for a bad
+        size."""
+        return align_face(image, np.asarray(self.landmarks, np.float32), size)
 
     def to_dict(self) -> dict[str, Any]:
         return {
