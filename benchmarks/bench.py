@@ -151,7 +151,7 @@ def bench(
     runtime = detector.runtime.describe()
     detector.close()
     results = [{
-        "name": artifact_name(manifest),
+        "name": artifact_name(manifest, detector.runtime.end2end),
         "status": "ok",
         "target": manifest.target,
         "precision": manifest.precision,
@@ -174,13 +174,14 @@ def bench(
     return results
 
 
-def artifact_name(manifest) -> str:
-    """``onnx-int8-dynamic``, ``tflite-int8-640x640``, ``torch-fp32-dynamic``: target, precision, input."""
+def artifact_name(manifest, end2end: bool = False) -> str:
+    """``onnx-int8-dynamic``, ``tflite-int8-640x640``, ``torch-fp32-dynamic``, ``onnx-fp32-640x640-end2end``:
+    target, precision, input, and whether the end-to-end model ran."""
     if manifest.dynamic and ("height" in manifest.dynamic or "width" in manifest.dynamic):
         shape = "dynamic"
     else:
         shape = manifest.preprocessing["resize"].replace("fixed:", "").replace(":", "")
-    return f"{manifest.target}-{manifest.precision}-{shape}"
+    return f"{manifest.target}-{manifest.precision}-{shape}" + ("-end2end" if end2end else "")
 
 
 def speedups(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
@@ -221,7 +222,7 @@ def _accuracy(detector, data: dict[str, Any], progress: bool) -> dict[str, Any]:
     gt = load_ground_truth(data["gt"])
     wider = Detector(runtime=detector.runtime, **WIDER_SETTINGS)
     manifest = detector.runtime.manifest
-    name = artifact_name(manifest)
+    name = artifact_name(manifest, detector.runtime.end2end)
     log = (lambda message: print(f"edgeface bench: {name}: {message}", file=sys.stderr)) if progress else (
         lambda message: None)
     log(f"WIDER FACE AP, {data.get('limit') or 'all'} images")

@@ -94,6 +94,9 @@ def _model_options(parser: argparse.ArgumentParser, *, resize: str, threads: str
     group.add_argument("--threads", type=_count(1, MAX_THREADS),
                        help=f"CPU threads of the runtime, for {', '.join(runtimes_taking('threads'))}; others "
                             f"have no thread setting (default: {threads})")
+    group.add_argument("--end2end", action="store_true",
+                       help="run the bundle's end-to-end model (decode and NMS in the graph; an onnx bundle exported "
+                            f"with --end2end), with {', '.join(runtimes_taking('end2end'))}")
     parser.set_defaults(default_resize=resize)
 
 
@@ -115,7 +118,8 @@ def _detector(args: argparse.Namespace, **overrides):
     slope = {"relu": 0.0, "leaky": 0.1, None: None}[args.activation]
     overrides.setdefault("default_resize", args.default_resize)  # the default the command's --resize help states
     return Detector(runtime=args.runtime, model=args.model, backbone=args.backbone, weights=args.weights,
-                    resize=args.resize, device=args.device, threads=args.threads, negative_slope=slope, **overrides)
+                    resize=args.resize, device=args.device, threads=args.threads, negative_slope=slope,
+                    end2end=args.end2end, **overrides)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -571,6 +575,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = {"sizes": sizes, "warmup": args.warmup, "iters": args.iters, "data": data,
                "progress": sys.stderr.isatty()}
     if args.all:
+        if args.end2end:
+            raise EdgefaceError("--end2end runs one end-to-end bundle (--model DIR); bench --all exports and runs the "
+                                "standard bundles")
         require_torch("`edgeface bench --all` (it exports every target)")
         from edgeface.benchmarks.matrix import bench_all  # deferred: PyTorch and the converters (export extra)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from edgeface.export.base import Conversion, ExportRequest, TargetOption, TargetSpec
+from edgeface.export import onnx_end2end
+from edgeface.export.base import Conversion, ExportRequest, TargetOption, TargetSpec, parity_images
 from edgeface.export.qat_run import QAT_OPTION, qat_run_for, qat_summary
 
 from edgeface.core.errors import EdgefaceError, require
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 MODEL_FILE = "model.onnx"
+END2END_FILE = "model_end2end.onnx"
 # Dynamic ranges recorded in the manifest (TensorRT optimisation profiles use them too): [min, opt, max].
 DYNAMIC_RANGES = {"batch": [1, 1, 8], "height": [32, 640, 2048], "width": [32, 640, 2048]}
 # INT8 recipe, chosen by measured WIDER FACE AP (README, "Choosing the INT8 recipe"): min-max calibration, and
@@ -51,7 +53,9 @@ SPEC = TargetSpec(
     aliases=("x86",),
     precisions=("fp32", "fp16", "int8"),
     calibrated=("int8",),
-    options=(OPSET, *INT8_OPTIONS),
+    options=(OPSET, *INT8_OPTIONS,
+             TargetOption("end2end", f"also {END2END_FILE}: decode, score threshold, top-k and NMS in the graph "
+                          "(final boxes, scores, landmarks by name; static size)", flag="--end2end", default=False)),
     extra="onnx",
     runtime="onnxruntime",
     libraries=("torch", "onnx", "onnxsim", "onnxruntime", "onnxconverter-common"),
@@ -282,13 +286,30 @@ def dynamic_ranges(request: ExportRequest) -> dict[str, list[int]] | None:
 def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Conversion:
     import onnx  # deferred: the converters (export extra)
 
+    end2end = bool(request.options.get("end2end"))
+    if end2end and (request.input_hw is None or request.dynamic_batch):
+        raise EdgefaceError("--end2end needs a static input size and batch 1 (the priors are constants of the size): "
+                            "give --imgsz HxW, without --dynamic")
     proto, calibration, checks = build(model, request)
     onnx.save(proto, out_dir / MODEL_FILE)
+    files, extra, notes = {"model": MODEL_FILE}, {}, []
+    if end2end:
+        full = onnx_end2end.append_postprocess(proto, request.input_hw, model.config.anchors)
+        onnx.save(full, out_dir / END2END_FILE)
+        files["end2end"] = END2END_FILE
+        check = onnx_end2end.verify(proto, full, request.input_hw, model.config.anchors, model.config.mean_bgr,
+                                    parity_images())
+        extra["end2end"] = {**onnx_end2end.describe(request.input_hw), "check": check}
+        notes.append(f"{END2END_FILE}: decode, score threshold, top-k and NMS in the graph (inputs score_threshold, "
+                     "iou_threshold, pixel; outputs boxes, scores, landmarks, num_detections in input pixels): "
+                     "target_info.end2end")
     return Conversion(
-        files={"model": MODEL_FILE},
+        files=files,
         dynamic=dynamic_ranges(request),
         calibration=calibration,
         converter={"exporter": "torch.onnx.export (TorchScript)", "opset": request.opset, "simplifier": "onnxsim",
                    "checks": checks,
                    "versions": library_versions(*SPEC.libraries)},
+        notes=notes,
+        extra=extra,
     )

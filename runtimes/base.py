@@ -49,6 +49,9 @@ class Runtime(ABC):
     extra: ClassVar[str | None] = None
     # Distributions whose versions a bench report records for it.
     libraries: ClassVar[tuple[str, ...]] = ()
+    # Whether this runtime was opened on the bundle's end-to-end model (decode + NMS in the graph): the Detector
+    # then calls :meth:`infer_end2end` instead of :meth:`infer` and decodes nothing.
+    end2end: bool = False
 
     def __init__(self, manifest: Manifest, *, source: str) -> None:
         self.manifest = manifest
@@ -71,6 +74,14 @@ class Runtime(ABC):
     @abstractmethod
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Raw outputs for one pre-processed batch, by name, (N, A, k) float32."""
+
+    def infer_end2end(self, batch: np.ndarray, *, score_threshold: float, iou_threshold: float, pixel: float
+                      ) -> dict[str, np.ndarray]:
+        """Final faces of one pre-processed image (batch 1) from the bundle's end-to-end model: ``boxes`` (K, 4),
+        ``scores`` (K,), ``landmarks`` (K, 10), float32, in input pixels, highest score first (``pixel``: one image
+        pixel in input pixels, for the reference's pixel-inclusive NMS). Runtimes that run none raise
+        EdgefaceError."""
+        raise EdgefaceError(f"the {self.name} runtime runs no end-to-end model")
 
     # What the shared pre-processing must produce for this model, all read from the manifest.
     @property

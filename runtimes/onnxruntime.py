@@ -28,14 +28,20 @@ class OnnxRuntime(Runtime):
     # cpu, cuda / cuda:N (the CUDA provider) or another execution provider by its short name (see PROVIDERS)
     devices = ("cpu", "cuda", "cuda:N", *(p for p in PROVIDERS if p not in ("cpu", "cuda")))
     default_for = ("onnx",)
-    options = ("threads", "providers")
+    options = ("threads", "providers", "end2end")
     extra = None  # onnxruntime is in the base install
     libraries = ("onnxruntime",)
 
-    def __init__(self, bundle: Bundle, *, providers: list[str] | None = None, threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, *, providers: list[str] | None = None, threads: int | None = None,
+                 end2end: bool = False) -> None:
         import onnxruntime as ort
 
         super().__init__(bundle.manifest, source=str(bundle.path))
+        if end2end and "end2end" not in bundle.manifest.files:
+            raise EdgefaceError(f"bundle {bundle.path} has no end-to-end model: export it with `edgeface export "
+                                "--target onnx --imgsz HxW --end2end`")
+        self.end2end = bool(end2end)
+        model_file = bundle.file("end2end" if end2end else "model")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -50,11 +56,14 @@ class OnnxRuntime(Runtime):
         else:
             wanted = ["CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(bundle.file()), options, providers=wanted)
+            self.session = ort.InferenceSession(str(model_file), options, providers=wanted)
         except Exception as exc:  # onnxruntime's InvalidProtobuf, Fail, InvalidGraph, NoSuchFile, ...
-            raise EdgefaceError(f"onnxruntime could not load {bundle.file()}: {first_line(exc)}; the file is "
+            raise EdgefaceError(f"onnxruntime could not load {model_file}: {first_line(exc)}; the file is "
                                 "damaged or not an ONNX model: re-export the bundle") from None
-        self._check_model()
+        if self.end2end:
+            self._check_end2end()
+        else:
+            self._check_model()
         self.input_name = self.manifest.input.name
 
     def _check_model(self) -> None:
@@ -81,16 +90,39 @@ class OnnxRuntime(Runtime):
                 continue
             raise EdgefaceError(f"bundle {self.source}: manifest field {field} has {problem}; re-export the bundle")
 
+    def _check_end2end(self) -> None:
+        """The end-to-end model's inputs and outputs by name, as ``target_info.end2end`` describes them."""
+        described = self.manifest.target_info.get("end2end") or {}
+        inputs = sorted(i.name for i in self.session.get_inputs())
+        outputs = sorted(o.name for o in self.session.get_outputs())
+        if inputs != sorted(described.get("inputs", {})) or outputs != sorted(described.get("outputs", {})):
+            raise EdgefaceError(f"bundle {self.source}: the end-to-end model's inputs {inputs} and outputs {outputs} "
+                                "are not what its manifest's target_info.end2end describes; re-export the bundle")
+
     @classmethod
     def open(cls, bundle: Bundle | None, *, providers: list[str] | None = None, threads: int | None = None,
-             device: str | None = None, **_: Any) -> "OnnxRuntime":
+             device: str | None = None, end2end: bool = False, **_: Any) -> "OnnxRuntime":
         if device and device != "cpu" and not providers:
             providers = ["cuda" if device.startswith("cuda") else device, "cpu"]
-        return cls(bundle, providers=providers, threads=threads)
+        return cls(bundle, providers=providers, threads=threads, end2end=end2end)
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self.end2end:
+            raise EdgefaceError("this runtime runs the end-to-end model: its outputs are final faces "
+                                "(infer_end2end), not the network's")
         outputs = self.session.run(list(OUTPUTS), {self.input_name: batch})
         return {name: out.astype(np.float32, copy=False) for name, out in zip(OUTPUTS, outputs)}
+
+    def infer_end2end(self, batch: np.ndarray, *, score_threshold: float, iou_threshold: float, pixel: float
+                      ) -> dict[str, np.ndarray]:
+        if not self.end2end:
+            return super().infer_end2end(batch, score_threshold=score_threshold, iou_threshold=iou_threshold,
+                                         pixel=pixel)
+        scalars = {"score_threshold": score_threshold, "iou_threshold": iou_threshold, "pixel": pixel}
+        names = ("boxes", "scores", "landmarks")
+        outputs = self.session.run(list(names), {self.input_name: batch,
+                                                 **{k: np.array(v, np.float32) for k, v in scalars.items()}})
+        return dict(zip(names, outputs))
 
     def describe(self) -> dict[str, Any]:
         import onnxruntime as ort

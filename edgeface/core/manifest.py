@@ -120,7 +120,7 @@ MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB
 # required, the others optional (a tensorrt engine is added on the device by `edgeface build-engine`). A manifest
 # naming another kind of file, or a role its target does not have, is refused.
 BUNDLE_FILES = {
-    "onnx": {"model": ".onnx"},
+    "onnx": {"model": ".onnx", "end2end": ".onnx"},  # the network; the same with decode + NMS (--end2end)
     "tensorrt": {"model": ".onnx", "engine": ".engine"},
     "tflite": {"model": ".tflite"},
     "coreml": {"model": ".mlpackage"},
@@ -371,6 +371,11 @@ def _files_problem(m: dict[str, Any]) -> str | None:
             return f"field files.{role}: a {m['target']} bundle has no {role} file (only {', '.join(owners)} bundles)"
         if not relative.endswith(suffix) or relative.startswith(OPTIONAL_PREFIX):
             return f"field files.{role} {relative!r} is not the {role} file of a {m['target']} bundle (*{suffix})"
+    if ("end2end" in m["files"]) != ("end2end" in (m.get("target_info") or {})):
+        return "fields files.end2end and target_info.end2end must come together (the end-to-end model and its I/O)"
+    if "end2end" in m["files"] and m["target_info"]["end2end"]["input_hw"] != m["input"]["shape"][2:4]:
+        return (f"field target_info.end2end.input_hw {m['target_info']['end2end']['input_hw']} is not the input's "
+                f"size {m['input']['shape'][2:4]}")
     return None
 
 

