@@ -215,7 +215,10 @@ def _input_hw(detector, image_hw: tuple[int, int]) -> list[int]:
 
 def _model_bytes(detector) -> int | None:
     manifest = detector.runtime.manifest
-    return Bundle(Path(detector.runtime.source), manifest).model_bytes() if manifest.files else None
+    if not manifest.files:
+        return None
+    bundle = Bundle(Path(detector.runtime.source), manifest)
+    return bundle.file("end2end").stat().st_size if detector.runtime.end2end else bundle.model_bytes()
 
 
 def _accuracy(detector, data: dict[str, Any], progress: bool) -> dict[str, Any]:

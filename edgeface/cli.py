@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import glob
 import importlib.util
 import json
 import os
@@ -128,6 +129,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
         raise EdgefaceError(f"no such image or folder: {source}")
     out = _Outputs(Path(args.out), "--out", source) if args.out else None
     crops = _Outputs(Path(args.crops), "--crops", source) if args.crops else None
+    if out and crops and out.folder.resolve() == crops.folder.resolve():
+        raise EdgefaceError(f"--crops {crops.folder} is the --out folder: a crop and an annotated image could share a "
+                            f"name; give the crops their own folder, e.g. {out.folder / 'crops'}")
     if source.is_dir():  # not the results of a past run
         paths = [p for p in list_images(source) if not any(o and o.holds(p) for o in (out, crops))]
         if not paths:
@@ -137,6 +141,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         paths, names = [source], {source: source.stem}
     if out:  # before any work: one line naming the first file that may not be written
         out.check([_suffixed(out.folder / names[p], s) for p in paths for s in (".jpg", ".json")], paths)
+    if crops:  # the crops of earlier runs that a face of this one may replace (how many faces is not known yet)
+        crops.check([c for p in paths for c in crops.folder.glob(glob.escape(names[p]) + "_face*.jpg")], paths)
     detector = _detector(args, score_threshold=args.threshold, nms_threshold=args.nms)
     total = failed = 0
     with _progress(paths, desc=f"detect {detector.name}", unit="img") as bar:
@@ -145,6 +151,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 with _quiet_decoding(args):
                     image = load_image(path)
                 faces = detector.detect(image)
+                record = {"image": str(path), "width": image.shape[1], "height": image.shape[0],
+                          "faces": [f.to_dict() for f in faces]}
+                if crops:
+                    aligned = [face.align(image, args.crop_size) for face in faces]  # all, before writing any
+                    for k, (crop, entry) in enumerate(zip(aligned, record["faces"])):
+                        entry["crop"] = str(crops.write_crop(f"{names[path]}_face{k}", crop))
             except EdgefaceError as exc:
                 if args.strict:
                     raise
@@ -152,11 +164,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 _report_failure(str(path), exc, args.json, key="image")
                 continue
             total += len(faces)
-            record = {"image": str(path), "width": image.shape[1], "height": image.shape[0],
-                      "faces": [f.to_dict() for f in faces]}
-            if crops:
-                for k, (face, entry) in enumerate(zip(faces, record["faces"])):
-                    entry["crop"] = str(crops.write_crop(f"{names[path]}_face{k}", face.align(image, args.crop_size)))
             if args.json:
                 print(json.dumps(record), flush=True)
             elif len(paths) == 1:
@@ -423,6 +430,8 @@ def _crop_size(text: str) -> tuple[int, int]:
     """``112`` or ``96x112`` (width x height) as (width, height)."""
     parts = text.lower().split("x")
     try:
+        if len(parts) > 2:
+            raise ValueError(text)
         return crop_size(tuple(int(v) for v in parts) if len(parts) == 2 else int(parts[0]))
     except (ValueError, EdgefaceError):
         raise argparse.ArgumentTypeError(f"{text!r}: give WxH pixels, 16-4096, e.g. 112 or 96x112") from None
@@ -632,7 +641,8 @@ def _print_result(result: dict) -> None:
     if result.get("accuracy"):
         acc = result["accuracy"]
         delta = acc.get("delta_ap") or {}
-        print(f"  WIDER FACE AP on {acc['num_images']} images (change vs FP32 PyTorch in AP points) "
+        change = "(change vs FP32 PyTorch in AP points) " if delta else f"({acc.get('delta_reason')}) "
+        print(f"  WIDER FACE AP on {acc['num_images']} images {change}"
               + ", ".join(f"{k} {acc['ap'][k]:.4f}" + (f" ({delta[k] * 100:+.2f})" if delta else "")
                           for k in acc["ap"]))
         agreement = acc.get("vs_fp32_torch")

@@ -122,8 +122,14 @@ def append_postprocess(proto: onnx.ModelProto, input_hw: tuple[int, int], anchor
     nms_scores = node("Unsqueeze", ["pp_top_scores", "pp_axes01"], "pp_nms_scores")  # (1, 1, T)
     selected = node("NonMaxSuppression", [nms_boxes, nms_scores, "pp_keep_top_k", "iou_threshold",
                                           "score_threshold"], "pp_selected")  # (K, 3): batch, class, index
-    index = node("Squeeze", [node("Gather", [selected, "pp_two"], "pp_selected_index", axis=1), "pp_one"],
-                 "pp_index")  # (K,)
+    kept = node("Squeeze", [node("Gather", [selected, "pp_two"], "pp_selected_index", axis=1), "pp_one"],
+                "pp_kept")  # (K,)
+    # highest score first: onnxruntime's NMS returns them so, the ONNX specification does not promise it
+    graph.node.append(helper.make_node(
+        "TopK", [node("Gather", ["pp_top_scores", kept], "pp_kept_scores", axis=0),
+                 node("Shape", [kept], "pp_kept_count")], ["pp_sorted_scores", "pp_order"],
+        name="postprocess/order", axis=0, largest=1, sorted=1))
+    index = node("Gather", [kept, "pp_order"], "pp_index", axis=0)
     node("Gather", [boxes, index], "boxes", axis=0)
     node("Gather", ["pp_top_scores", index], "scores", axis=0)
     node("Gather", [marks, index], "landmarks", axis=0)

@@ -175,3 +175,26 @@ def test_detect_writes_aligned_crops(astronaut_path, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["detect", str(images), "--crops", str(crops), "--crop-size", "8"])
     assert exit_info.value.code == 2 and "give WxH pixels, 16-4096" in capsys.readouterr().err
+
+
+def test_crops_and_out_in_one_folder_or_a_bad_size_are_refused(astronaut_path, tmp_path, capsys):
+    import shutil
+
+    from edgeface.cli import main
+
+    images = tmp_path / "in"
+    images.mkdir()
+    shutil.copy(astronaut_path, images / "a.jpg")
+    results = tmp_path / "results"
+    assert main(["detect", str(images), "--out", str(results), "--crops", str(results)]) == 2
+    assert "is the --out folder" in capsys.readouterr().err and not results.exists()
+    with pytest.raises(SystemExit):
+        main(["detect", str(images), "--crops", str(tmp_path / "c"), "--crop-size", "96x112x3"])
+    assert "give WxH pixels" in capsys.readouterr().err
+    # a user's file where a crop would go is refused before any work: nothing else is written
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    (crops / "a_face3.jpg").write_bytes(b"mine")
+    assert main(["detect", str(images), "--crops", str(crops), "--out", str(tmp_path / "out")]) == 2
+    assert "did not write it" in capsys.readouterr().err
+    assert sorted(p.name for p in crops.iterdir()) == ["a_face3.jpg"] and not (tmp_path / "out").exists()

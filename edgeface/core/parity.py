@@ -3,7 +3,7 @@ Used by every export (fidelity is part of export) and by ``edgeface compare``.""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,38 @@ def compare(reference, candidate, images: Sequence[np.ndarray]) -> ParityReport:
             diffs[name] = max(diffs.get(name, 0.0), float(np.abs(ref_raw[name] - cand_raw[name]).max()))
         tally.add(ref, cand)
     return tally.report(diffs)
+
+
+def compare_detections(pairs: Iterable[tuple[Detections, Detections]]) -> ParityReport:
+    """The agreement of detections made elsewhere (another machine, another process), image by image: each pair
+    is (reference, candidate), both kept down to :data:`LOOSE_THRESHOLD` at least (as :func:`compare` counts them,
+    without raw outputs to difference)."""
+    tally = _Tally()
+    for reference, candidate in pairs:
+        tally.add(reference, candidate)
+    return tally.report({})
+
+
+def read_detections(path: str | Path) -> dict[str, Detections]:
+    """The JSON lines ``edgeface detect --json`` printed (one ``{image, faces}`` record per image), as detections
+    by image file name. Records of failed images (``error``) are left out. Raises EdgefaceError naming the file,
+    the line and the field."""
+    import json
+
+    found = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        def bad(field: str, problem: str) -> EdgefaceError:
+            return EdgefaceError(f"{path}:{number}: field {field} {problem}")
+
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise EdgefaceError(f"{path}:{number}: not a JSON record ({first_line(exc)})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+            raise bad("image", "is missing: expected the records `edgeface detect --json` prints")
+        if "error" not in record:
+            found[Path(record["image"]).name] = _reference_faces(record.get("faces"), "faces", bad)
+    return found
 
 
 def compare_to_reference(candidate, bundle_dir) -> ParityReport:

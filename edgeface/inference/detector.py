@@ -90,6 +90,9 @@ class Detector:
         end2end: bool = False,
     ) -> None:
         opened = not isinstance(runtime, Runtime)  # a Runtime the caller passed stays the caller's to close
+        if not opened and end2end and not runtime.end2end:
+            raise EdgefaceError("end2end=True with a runtime opened without it: open the runtime with end2end=True "
+                                "(or pass the bundle as model=)")
         if opened:
             options = {"device": device, "threads": threads, **({"end2end": True} if end2end else {})}
             if model is None and runtime is None and not torch_installed():
@@ -166,8 +169,9 @@ class Detector:
         """The one inference path (image -> preprocess -> runtime -> decode + NMS), with the raw outputs kept:
         for each BGR uint8 image, ``(raw, detections)`` where ``raw`` maps each of
         :data:`edgeface.core.manifest.OUTPUTS` to that image's float32 network output (``loc`` (A, 4), ``conf`` (A, 2)
-        after softmax, ``landmarks`` (A, 10); A priors at the input size, dequantized) and ``detections`` are in the
-        image's own pixels. Batched as far as the model allows.
+        after softmax, ``landmarks`` (A, 10); A priors at the input size, dequantized; empty for an end-to-end model,
+        whose outputs are the faces) and ``detections`` are in the image's own pixels. Batched as far as the model
+        allows.
 
         ``resize`` and ``score_threshold`` override the detector's own for this call (parity runs two detectors on
         one input policy, at a loose threshold). ``timings``, when given, accumulates the seconds spent in each
