@@ -27,7 +27,8 @@ IMAGES="$SHARED/data/widerface/val/images"
 if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null \
     || ! command -v update-binfmts >/dev/null; then
   say "installing qemu-user-static, debootstrap, binfmt-support (Debian packages)"
-  apt-get install -y -q qemu-user-static debootstrap binfmt-support >/dev/null
+  apt-get install -y -q qemu-user-static debootstrap binfmt-support >/dev/null 2>&1 \
+    || cannot "apt-get could not install qemu-user-static, debootstrap and binfmt-support"
 fi
 if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
   mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null \
@@ -50,9 +51,11 @@ in_root() {
     PIP_DISABLE_PIP_VERSION_CHECK=1 "${@:2}"
 }
 with_proc() {
-  mkdir -p "$1/proc" "$1/sys"
-  mount -t proc proc "$1/proc"; MOUNTED+=("$1/proc")
-  mount -t sysfs sysfs "$1/sys" 2>/dev/null && MOUNTED+=("$1/sys")  # CPU lists for onnxruntime's cpuinfo
+  # no /sys: onnxruntime's cpuinfo, reading this x86 machine's CPU files under emulation, crashes (it only warns
+  # without them)
+  mkdir -p "$1/proc"
+  mount -t proc proc "$1/proc" 2>/dev/null || cannot "proc cannot be mounted in the arm64 root"
+  MOUNTED+=("$1/proc")
   cp /etc/resolv.conf "$1/etc/resolv.conf"
   cp "$(python3 -c 'import ssl; print(ssl.get_default_verify_paths().openssl_cafile)')" "$1$HOST_CA"
 }
@@ -63,12 +66,15 @@ if [ ! -x "$ROOT/opt/venv/bin/python" ]; then
   rm -rf "$ROOT.partial"
   mkdir -p "$(dirname "$ROOT")"
   debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \
-    "$ROOT.partial" >"$WORK/debootstrap.log" 2>&1 || { tail -5 "$WORK/debootstrap.log"; exit 1; }
+    "$ROOT.partial" >"$WORK/debootstrap.log" 2>&1 \
+    || cannot "debootstrap of the arm64 root failed ($(tail -1 "$WORK/debootstrap.log"))"
   with_proc "$ROOT.partial"
+  in_root "$ROOT.partial" true 2>/dev/null || cannot "arm64 programs do not run in a chroot here (qemu, binfmt_misc)"
   cp constraints.txt "$ROOT.partial/tmp/constraints.txt"
   in_root "$ROOT.partial" python3 -m venv /opt/venv
   in_root "$ROOT.partial" pip install -q --only-binary=:all: -c /tmp/constraints.txt \
-    numpy opencv-python-headless onnxruntime tqdm pillow jsonschema ai-edge-litert
+    numpy opencv-python-headless onnxruntime tqdm pillow jsonschema ai-edge-litert ncnn >"$WORK/pip.log" 2>&1 \
+    || cannot "pip could not install the aarch64 wheels in the root ($(tail -1 "$WORK/pip.log"))"
   for m in "${MOUNTED[@]}"; do umount "$m"; done; MOUNTED=()
   rm -rf "$ROOT"
   mv "$ROOT.partial" "$ROOT"
@@ -78,10 +84,11 @@ fi
 say "installing this checkout's wheel in the arm64 root"
 .venv/bin/pip wheel -q --no-deps -w "$WORK/wheel" . >"$WORK/wheel.log" 2>&1 || { tail -5 "$WORK/wheel.log"; exit 1; }
 with_proc "$ROOT"
+cp constraints.txt "$ROOT/tmp/constraints.txt"
 mkdir -p "$ROOT/work"
 cp "$WORK"/wheel/*.whl "$ROOT/work/"
 in_root "$ROOT" sh -c 'pip install -q --no-deps --force-reinstall /work/*.whl'
-echo "arm64 root: $(in_root "$ROOT" uname -m), $(in_root "$ROOT" python -c 'import platform, onnxruntime, ai_edge_litert; print("Python", platform.python_version(), "onnxruntime", onnxruntime.__version__)')"
+echo "arm64 root: $(in_root "$ROOT" uname -m), $(in_root "$ROOT" python -c 'import platform, onnxruntime, ai_edge_litert; print("Python", platform.python_version(), "onnxruntime", onnxruntime.__version__)' 2>/dev/null)"
 
 # 3. The images and the bundles (exported here, on x86).
 mkdir -p "$ROOT/work/images"
@@ -95,6 +102,11 @@ for path in spread(list_images(sys.argv[1]), int(sys.argv[3])):
 EOF
 BUNDLES=(onnx-fp32 onnx-int8)
 .venv/bin/python -c 'import litert_torch' 2>/dev/null && BUNDLES+=(tflite-fp32 tflite-int8)
+.venv/bin/python -c 'import pnnx' 2>/dev/null && BUNDLES+=(ncnn-fp32)
+in_root "$ROOT" python -c 'import ncnn' 2>/dev/null \
+  || in_root "$ROOT" pip install -q --only-binary=:all: -c /tmp/constraints.txt ncnn >/dev/null 2>&1 \
+  || BUNDLES=("${BUNDLES[@]/ncnn-fp32}")
+BUNDLES=($(printf '%s\n' "${BUNDLES[@]}" | grep .))
 for name in "${BUNDLES[@]}"; do
   say "exporting $name (320x320) on x86"
   .venv/bin/edgeface export --target "${name%-*}" --precision "${name#*-}" --imgsz 320x320 --calib-n 32 \

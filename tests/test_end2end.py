@@ -100,6 +100,9 @@ def test_end2end_refusals(bundles, tmp_path, capsys):
         Detector(model=bundles["fp32"].path, end2end=True, keep_top_k=10)
     with pytest.raises(EdgefaceError, match="end2end is not an option of the torch runtime"):
         Detector(runtime="torch", end2end=True)
+    opened = Detector(model=bundles["fp32"].path).runtime  # without end2end
+    with pytest.raises(EdgefaceError, match="a runtime opened without it"):
+        Detector(runtime=opened, end2end=True)
     assert main(["bench", "--all", "--end2end"]) == 2
     assert "bench --all exports and runs the standard bundles" in capsys.readouterr().err
     assert not any((tmp_path / f"b{i}").exists() for i in (1, 2))

@@ -139,3 +139,27 @@ def test_runtimes_that_do_not_run_the_bundle_say_which_do(onnx_bundle):
     for runtime in ("coreml", "tensorrt", "tflite"):
         with pytest.raises(EdgefaceError, match="is a onnx bundle; runtimes that run it: onnxruntime$"):
             open_runtime(runtime, model=onnx_bundle)
+
+
+def test_detections_made_elsewhere_are_compared_from_detect_json(astronaut_path, tmp_path, capsys):
+    """What the arm64 check does with the JSON lines of two machines."""
+    import shutil
+
+    from edgeface.core.parity import compare_detections, read_detections
+
+    images = tmp_path / "in"
+    images.mkdir()
+    shutil.copy(astronaut_path, images / "a.jpg")
+    (images / "b.jpg").write_bytes(b"not an image")
+    assert main(["detect", str(images), "--json", "--threshold", "0.3"]) == 2  # b.jpg fails: its record has error
+    lines = tmp_path / "x86.jsonl"
+    lines.write_text(capsys.readouterr().out)
+    found = read_detections(lines)
+    assert sorted(found) == ["a.jpg"] and len(found["a.jpg"]) >= 1
+    same = compare_detections([(found["a.jpg"], found["a.jpg"])])
+    assert same.detection_agreement == 1.0 and same.landmark_error == 0.0 and same.extra_faces == 0
+    moved = found["a.jpg"].__class__(found["a.jpg"].boxes + 30, found["a.jpg"].scores, found["a.jpg"].landmarks)
+    assert compare_detections([(found["a.jpg"], moved)]).detection_agreement < 1.0
+    lines.write_text(lines.read_text() + '{"image": "c.jpg", "faces": [{"box": [1, 2]}]}\n')
+    with pytest.raises(EdgefaceError, match=r"x86.jsonl:3: field faces\[0\].box"):
+        read_detections(lines)
