@@ -38,8 +38,8 @@ class OnnxRuntime(Runtime):
 
         super().__init__(bundle.manifest, source=str(bundle.path))
         if end2end and "end2end" not in bundle.manifest.files:
-            raise EdgefaceError(f"bundle {bundle.path} has no end-to-end model: export it with `edgeface export "
-                                "--target onnx --imgsz HxW --end2end`")
+            raise EdgefaceError(f"bundle {bundle.path} has no end-to-end model: export it with "
+                                "`edgeface export --target onnx --imgsz 640x640 --end2end`")
         self.end2end = bool(end2end)
         model_file = bundle.file("end2end" if end2end else "model")
         options = ort.SessionOptions()

@@ -146,7 +146,7 @@ def compare_detections(pairs: Iterable[tuple[Detections, Detections]]) -> Parity
 
 
 def read_detections(path: str | Path) -> dict[str, Detections]:
-    """The JSON lines ``edgeface detect --json`` printed (one ``{image, faces}`` record per image), as detections
+    """The JSON lines ``edgeface detect DIR --json`` printed (one ``{image, faces}`` record per image), as detections
     by image file name. Records of failed images (``error``) are left out. Raises EdgefaceError naming the file,
     the line and the field."""
     import json
@@ -161,7 +161,7 @@ def read_detections(path: str | Path) -> dict[str, Detections]:
         except ValueError as exc:
             raise EdgefaceError(f"{path}:{number}: not a JSON record ({first_line(exc)})") from None
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-            raise bad("image", "is missing: expected the records `edgeface detect --json` prints")
+            raise bad("image", "is missing: expected the records `edgeface detect DIR --json` prints")
         if "error" not in record:
             found[Path(record["image"]).name] = _reference_faces(record.get("faces"), "faces", bad)
     return found
