@@ -7,7 +7,8 @@
 #
 #   sudo scripts/arm64-check.sh            # needs root: apt, debootstrap, chroot, binfmt_misc; and .venv (exports)
 #
-# EDGEFACE_ARM64_ROOT (default /var/cache/edgeface/arm64-root) keeps the root between runs (made once, minutes);
+# EDGEFACE_ARM64_ROOT (default /var/cache/edgeface/arm64-root) keeps the root between runs (made once, minutes; a
+# network that stalls apt, debootstrap or pip past its time limit counts as "cannot run here");
 # EDGEFACE_ARM64_IMAGES (default 20) WIDER val images from EDGEFACE_SHARED (default ../shared); exit 0 when every
 # bundle agrees (fp32: every face, landmark error < 1e-3; int8: >= 95% of faces), 1 when one does not, 2 when this
 # machine cannot run the check (the reason on one line).
@@ -27,7 +28,7 @@ IMAGES="$SHARED/data/widerface/val/images"
 if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null \
     || ! command -v update-binfmts >/dev/null; then
   say "installing qemu-user-static, debootstrap, binfmt-support (Debian packages)"
-  apt-get install -y -q qemu-user-static debootstrap binfmt-support >/dev/null 2>&1 \
+  timeout 600 apt-get install -y -q qemu-user-static debootstrap binfmt-support >/dev/null 2>&1 \
     || cannot "apt-get could not install qemu-user-static, debootstrap and binfmt-support"
 fi
 if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
@@ -65,14 +66,15 @@ if [ ! -x "$ROOT/opt/venv/bin/python" ]; then
   say "making the arm64 Debian root in $ROOT (debootstrap, then pip inside it under emulation: minutes, once)"
   rm -rf "$ROOT.partial"
   mkdir -p "$(dirname "$ROOT")"
-  debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \
+  timeout 1200 debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \
     "$ROOT.partial" >"$WORK/debootstrap.log" 2>&1 \
     || cannot "debootstrap of the arm64 root failed ($(tail -1 "$WORK/debootstrap.log"))"
   with_proc "$ROOT.partial"
   in_root "$ROOT.partial" true 2>/dev/null || cannot "arm64 programs do not run in a chroot here (qemu, binfmt_misc)"
   cp constraints.txt "$ROOT.partial/tmp/constraints.txt"
   in_root "$ROOT.partial" python3 -m venv /opt/venv
-  in_root "$ROOT.partial" pip install -q --only-binary=:all: -c /tmp/constraints.txt \
+  timeout 900 chroot "$ROOT.partial" /usr/bin/env -i PATH=/opt/venv/bin:/usr/bin:/bin HOME=/root LC_ALL=C.UTF-8 \
+    PIP_CERT="$HOST_CA" PIP_DISABLE_PIP_VERSION_CHECK=1 pip install -q --only-binary=:all: -c /tmp/constraints.txt \
     numpy opencv-python-headless onnxruntime tqdm pillow jsonschema ai-edge-litert ncnn >"$WORK/pip.log" 2>&1 \
     || cannot "pip could not install the aarch64 wheels in the root ($(tail -1 "$WORK/pip.log"))"
   for m in "${MOUNTED[@]}"; do umount "$m"; done; MOUNTED=()
