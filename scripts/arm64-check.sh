@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 ROOT=${EDGEFACE_ARM64_ROOT:-/var/cache/edgeface/arm64-root}
 SHARED=${EDGEFACE_SHARED:-../shared}
 COUNT=${EDGEFACE_ARM64_IMAGES:-20}
+INSIDE=/opt/edgeface-check  # the check's wheel, images and bundles, as the arm64 root sees them
 say() { echo "== arm64-check: $*"; }
 cannot() { echo "arm64-check: cannot run here: $*" >&2; exit 2; }
 
@@ -42,7 +43,7 @@ WORK=$(mktemp -d)
 MOUNTED=()
 cleanup() {
   for m in "${MOUNTED[@]}"; do umount "$m" 2>/dev/null || true; done
-  rm -rf "$WORK" "$ROOT/work"
+  rm -rf "$WORK" "$ROOT$INSIDE"
 }
 trap cleanup EXIT
 # pip inside the root trusts what this machine trusts (its CA bundle: a proxy's own CA included)
@@ -87,14 +88,14 @@ say "installing this checkout's wheel in the arm64 root"
 .venv/bin/pip wheel -q --no-deps -w "$WORK/wheel" . >"$WORK/wheel.log" 2>&1 || { tail -5 "$WORK/wheel.log"; exit 1; }
 with_proc "$ROOT"
 cp constraints.txt "$ROOT/tmp/constraints.txt"
-mkdir -p "$ROOT/work"
-cp "$WORK"/wheel/*.whl "$ROOT/work/"
-in_root "$ROOT" sh -c 'pip install -q --no-deps --force-reinstall /work/*.whl'
+mkdir -p "$ROOT$INSIDE"
+cp "$WORK"/wheel/*.whl "$ROOT$INSIDE/"
+in_root "$ROOT" sh -c "pip install -q --no-deps --force-reinstall $INSIDE/*.whl"
 echo "arm64 root: $(in_root "$ROOT" uname -m), $(in_root "$ROOT" python -c 'import platform, onnxruntime, ai_edge_litert; print("Python", platform.python_version(), "onnxruntime", onnxruntime.__version__)' 2>/dev/null)"
 
 # 3. The images and the bundles (exported here, on x86).
-mkdir -p "$ROOT/work/images"
-.venv/bin/python - "$IMAGES" "$ROOT/work/images" "$COUNT" <<'EOF'
+mkdir -p "$ROOT$INSIDE/images"
+.venv/bin/python - "$IMAGES" "$ROOT$INSIDE/images" "$COUNT" <<'EOF'
 import shutil, sys
 from pathlib import Path
 from edgeface.core.images import list_images
@@ -112,16 +113,16 @@ BUNDLES=($(printf '%s\n' "${BUNDLES[@]}" | grep .))
 for name in "${BUNDLES[@]}"; do
   say "exporting $name (320x320) on x86"
   .venv/bin/edgeface export --target "${name%-*}" --precision "${name#*-}" --imgsz 320x320 --calib-n 32 \
-    --calib "$SHARED/data/widerface/train/images" --out "$ROOT/work/bundles/$name" >/dev/null 2>&1 \
+    --calib "$SHARED/data/widerface/train/images" --out "$ROOT$INSIDE/bundles/$name" >/dev/null 2>&1 \
     || cannot "the export of $name failed here"
 done
 
 # 4. The same bundles on both machines, compared face by face.
 failed=0
 for name in "${BUNDLES[@]}"; do
-  .venv/bin/edgeface detect "$ROOT/work/images" --model "$ROOT/work/bundles/$name" --threshold 0.3 --json \
+  .venv/bin/edgeface detect "$ROOT$INSIDE/images" --model "$ROOT$INSIDE/bundles/$name" --threshold 0.3 --json \
     >"$WORK/$name.x86.jsonl" 2>/dev/null
-  in_root "$ROOT" edgeface detect /work/images --model "/work/bundles/$name" --threshold 0.3 --json \
+  in_root "$ROOT" edgeface detect "$INSIDE/images" --model "$INSIDE/bundles/$name" --threshold 0.3 --json \
     >"$WORK/$name.arm64.jsonl" 2>"$WORK/$name.arm64.err" || { tail -2 "$WORK/$name.arm64.err"; failed=1; continue; }
   .venv/bin/python - "$name" "$WORK/$name.x86.jsonl" "$WORK/$name.arm64.jsonl" <<'EOF' || failed=1
 import sys
