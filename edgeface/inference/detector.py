@@ -193,13 +193,11 @@ class Detector:
             if self.runtime.end2end:  # final faces from the graph: only the letterbox scale is undone here
                 results += [({}, self._end2end_detections(batch[i:i + 1], letterbox, threshold))
                             for i, letterbox in enumerate(letterboxes)]
-                if timings is not None:
-                    timings["infer"] = timings.get("infer", 0.0) + clock() - t1
-                    timings["pre"] = timings.get("pre", 0.0) + t1 - t0
-                    timings.setdefault("post", 0.0)
-                continue
-            out = self.runtime.infer(batch)
-            t2 = clock()
+                t2 = clock()
+                letterboxes = []  # nothing to post-process
+            else:
+                out = self.runtime.infer(batch)
+                t2 = clock()
             for i, letterbox in enumerate(letterboxes):
                 raw = {name: out[name][i] for name in OUTPUTS}
                 results.append((raw, postprocess(raw["loc"], raw["conf"], raw["landmarks"], letterbox,
