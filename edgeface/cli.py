@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,13 +33,15 @@ from edgeface.export.base import DEFAULT_IMGSZ
 from edgeface.export.tensorrt import build_engine  # reads no converter library: runs on a device install
 from edgeface.inference import stream
 from edgeface.inference.detector import Detector
+from edgeface.inference.pipeline import STAGES
 from edgeface.runtimes import get_runtime_class, list_runtimes, runtimes_taking
 
 # bench times each image size as given (VGA, HD, 4K), not scaled down, on one thread unless told otherwise.
 BENCH_RESIZE = "original"
 BENCH_THREADS = 1
 # Optional libraries no target or runtime declares (by import name), and the extra that installs each.
-OTHER_EXTRAS = {"scipy": "eval", "matplotlib": "bench", "albumentations": "train"}
+OTHER_EXTRAS = {"scipy": "eval", "matplotlib": "bench", "albumentations": "train", "trackers": "track",
+                "supervision": "track", "OneEuroFilter": "track"}
 
 
 @functools.cache
@@ -180,6 +183,23 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+# Held while decoding silences file descriptors 1 and 2 (_quiet_decoding) and while the command prints
+# (_printing): `run` decodes in a thread of its own, and a line printed then would go to the null device.
+_OUTPUT = threading.Lock()
+OUTPUT_WAIT_SECONDS = 15.0  # longer than a stalled camera's read (V4L2 gives up after 10 s)
+
+
+@contextlib.contextmanager
+def _printing():
+    """Holds _OUTPUT while the caller prints; after OUTPUT_WAIT_SECONDS it prints anyway."""
+    acquired = _OUTPUT.acquire(timeout=OUTPUT_WAIT_SECONDS)
+    try:
+        yield
+    finally:
+        if acquired:
+            _OUTPUT.release()
+
+
 @contextlib.contextmanager
 def _quiet_decoding(args: argparse.Namespace):
     """While an image or a video frame is decoded, the C libraries under OpenCV (libpng, libjpeg, FFmpeg) and
@@ -192,7 +212,7 @@ def _quiet_decoding(args: argparse.Namespace):
         yield
         return
 
-    with open(os.devnull, "wb") as null, captured_output(null):
+    with _OUTPUT, open(os.devnull, "wb") as null, captured_output(null):
         yield
 
 
@@ -691,6 +711,8 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import collections
 
+    from edgeface.inference.pipeline import stream_faces
+
     if args.board:
         _apply_board(args, runtime=args.board.runtime if args.model else None, threads=args.board.threads or None)
     source = Path(args.source)
@@ -700,63 +722,89 @@ def cmd_run(args: argparse.Namespace) -> int:
         out.check([_suffixed(out.folder / name, ".jpg") for name in output_names(inputs, source).values()], inputs)
     elif out and source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
         out.check([out.folder / f"{source.stem}.jpg"], [source])
+    tracker = _tracker(args)
     detector = _detector(args, score_threshold=args.threshold, nms_threshold=args.nms)
     _warn_board_size(args, detector)
     recent: collections.deque = collections.deque(maxlen=30)  # rolling window: (seconds, stage timings)
     count = faces_total = failed = 0
     interrupted = ended_early = False
-    last_report = time.monotonic()
-    print(f"edgeface run: {detector.name} on {args.source}, input {detector.resize}", file=sys.stderr)
+    last_report = last_frame = time.monotonic()
+    every = f", detector every {args.detect_every} frames" if args.detect_every > 1 else ""
+    tracking = f", tracking{' with smoothing' if args.smooth else ''}{every}" if tracker else ""
+    print(f"edgeface run: {detector.name} on {args.source}, input {detector.resize}{tracking}", file=sys.stderr)
     # A --save folder inside the source folder holds results, not inputs.
     items = stream.frames(args.source, skip=out.folder) if out else stream.frames(args.source)
+    results = stream_faces(detector, items, tracker=tracker, detect_every=args.detect_every,
+                           decoding=lambda: _quiet_decoding(args))
     try:
-        while True:
-            with _quiet_decoding(args):
-                item = next(items, None)
-            if item is None:
-                break
-            name, frame = item
+        for result in results:
+            name, frame, faces = result.name, result.frame, result.faces
             if isinstance(frame, EdgefaceError):
                 ended_early = isinstance(frame, stream.StreamEndedEarly)
                 if args.strict:
                     raise frame
                 failed += 1
-                _report_failure(name, frame, args.json, key="frame")
+                with _printing():
+                    _report_failure(name, frame, args.json, key="frame")
+                last_frame = time.monotonic()
                 continue
-            stages: dict[str, float] = {}
-            started = time.perf_counter()
-            faces = detector.detect_arrays([frame], timings=stages)[0].to_faces()
-            recent.append((time.perf_counter() - started, stages))
+            now = time.monotonic()
+            recent.append((now - last_frame, result.seconds))  # frame to frame: the stream's real throughput
+            last_frame = now
             count += 1
             faces_total += len(faces)
             if args.json:
-                print(json.dumps({"frame": name, "faces": [f.to_dict() for f in faces],
-                                  "ms": {k: round(v * 1e3, 2) for k, v in stages.items()}}), flush=True)
+                records = [{**f.to_dict(), "track_id": f.track_id} if tracker else f.to_dict() for f in faces]
+                line = {"frame": name, "faces": records, **({"detected": result.detected} if tracker else {}),
+                        "ms": {k: round(v * 1e3, 2) for k, v in result.seconds.items()}}
+                with _printing():
+                    print(json.dumps(line), flush=True)
             if out:
                 out.write_image(name, frame, faces)
             if time.monotonic() - last_report >= 1.0:
-                print(f"  {_rolling(recent)}, frame {count}, {len(faces)} face(s)", file=sys.stderr)
+                with _printing():
+                    print(f"  {_rolling(recent)}, frame {count}, {len(faces)} face(s)", file=sys.stderr)
                 last_report = time.monotonic()
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        with _quiet_decoding(args):
-            items.close()  # releases a video or camera now (its library may have something to say)
+        try:
+            results.close()  # every stage stops (the source is released) before the runtime is closed
+        except KeyboardInterrupt:  # pressed again while the stages stopped: they have stopped all the same
+            interrupted = True
         detector.close()
     how = "interrupted" if interrupted else "stream ended early" if ended_early else "end of stream"
     summary = _rolling(recent) if recent else "no frames"
     failures = f", {failed} failed (listed above)" if failed else ""
     saved = f"; annotated frames in {out.folder}{out.replaced_note()}" if out else ""
-    print(f"edgeface run: {how} after {count} frame(s){failures}, {faces_total} face(s); last {len(recent)} "
-          f"frames: {summary}{saved}", file=sys.stderr)
+    with _printing():  # a camera read may still be finishing under _quiet_decoding
+        print(f"edgeface run: {how} after {count} frame(s){failures}, {faces_total} face(s); last {len(recent)} "
+              f"frames: {summary}{saved}", file=sys.stderr)
     return 130 if interrupted else 2 if failed else 0
+
+
+def _tracker(args: argparse.Namespace):
+    """The FaceTracker of `run --track` (implied by --smooth and --detect-every N > 1), at the video's frame rate."""
+    if not (args.track or args.smooth or args.detect_every > 1):
+        return None
+    from edgeface.inference.tracking import FaceTracker
+
+    with _quiet_decoding(args):
+        rate = stream.frame_rate(args.source)
+    return FaceTracker(frame_rate=rate or stream.DEFAULT_FRAME_RATE, smooth=args.smooth,
+                       score_threshold=args.threshold)
 
 
 def _rolling(recent) -> str:
     seconds = sum(s for s, _ in recent)
-    stage = {k: sum(t.get(k, 0.0) for _, t in recent) / len(recent) * 1e3 for k in ("pre", "infer", "post")}
-    return (f"{len(recent) / seconds:.1f} fps, pre {stage['pre']:.1f} ms, infer {stage['infer']:.1f} ms, "
-            f"post {stage['post']:.1f} ms")
+    # a stage's mean over the frames that went through it (with --detect-every N, pre / infer / post skip frames)
+    stage = {}
+    for k in STAGES:
+        times = [t[k] for _, t in recent if k in t]
+        if times:
+            stage[k] = sum(times) / len(times) * 1e3
+    fps = f"{len(recent) / seconds:.1f} fps" if seconds > 0 else "- fps"
+    return ", ".join([fps, *(f"{k} {v:.1f} ms" for k, v in stage.items())])
 
 
 def _compare_side(spec: str, args: argparse.Namespace, policy=None):
@@ -924,6 +972,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--board", type=_board, help="a board profile: its runtime and threads")
     p.add_argument("--save", help="write annotated frames here")
     p.add_argument("--json", action="store_true", help="print one JSON line per frame to stdout")
+    p.add_argument("--track", action="store_true", help="track faces across frames: a track_id per face (JSON lines, "
+                                                        "saved frames); needs `pip install edgeface[track]`")
+    p.add_argument("--smooth", action="store_true", help="smooth tracked boxes and landmarks (One Euro filter; "
+                                                         "implies --track)")
+    p.add_argument("--detect-every", type=_count(1, 1000), default=1, metavar="N",
+                   help="run the detector on every Nth frame only, the tracker carrying the faces between (optical "
+                        "flow; implies --track; default 1)")
     _strict_option(p, "image or damaged video")
     _threshold_options(p)
     _model_options(p, resize=str(DEFAULT_RESIZE), threads="the runtime library's own choice; with --board, the board's")
@@ -1004,7 +1059,8 @@ def main(argv: list[str] | None = None, *, program: bool | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at interpreter exit
         return status
     except EdgefaceError as exc:
-        print(f"edgeface: error: {exc}", file=sys.stderr)
+        with _printing():  # `run`: a stage thread may be finishing a read under _quiet_decoding
+            print(f"edgeface: error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:  # an optional library imported on a path no require() guards: one line too
         extra = optional_extras().get((exc.name or "").partition(".")[0])
@@ -1014,7 +1070,8 @@ def main(argv: list[str] | None = None, *, program: bool | None = None) -> int:
               f"it with `pip install edgeface[{extra}]`", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("edgeface: interrupted", file=sys.stderr)
+        with _printing():
+            print("edgeface: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`edgeface detect DIR --json | head`): stop quietly. Python's recipe (signal module,

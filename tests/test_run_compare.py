@@ -48,7 +48,7 @@ def test_run_video_writes_frames_and_json_lines(video, tmp_path, capsys):
     assert main(["run", "--source", str(video), "--save", str(tmp_path), "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["frame"] for r in lines] == [f"clip_{i:06d}" for i in range(1, 7)]
-    assert all(len(r["faces"]) == 1 and set(r["ms"]) == {"pre", "infer", "post"} for r in lines)
+    assert all(len(r["faces"]) == 1 and set(r["ms"]) == {"decode", "pre", "infer", "post"} for r in lines)
     assert sorted(p.name for p in tmp_path.glob("*.jpg")) == [f"clip_{i:06d}.jpg" for i in range(1, 7)]
 
 
@@ -56,7 +56,7 @@ def test_run_reports_fps_and_stage_times(video, capsys):
     main(["run", "--source", str(video)])
     err = capsys.readouterr().err
     assert "end of stream after 6 frame(s), 6 face(s)" in err
-    assert "fps, pre" in err and "infer" in err and "post" in err
+    assert "fps, decode" in err and "pre" in err and "infer" in err and "post" in err
 
 
 def test_run_bundle_on_a_folder(onnx_bundle, images, tmp_path, capsys):

@@ -22,11 +22,15 @@ class Face:
 
     ``box`` is (x1, y1, x2, y2); it is not clipped to the image, like the reference implementation, so a face cut
     by the border keeps its full extent. ``landmarks`` holds five (x, y) points in :data:`LANDMARK_NAMES` order.
+    ``track_id`` is the face's identity across video frames (:class:`edgeface.inference.tracking.FaceTracker`):
+    1, 2, ... in the order tracks were confirmed; ``None`` from a detector alone, or for a face the tracker has not
+    confirmed yet.
     """
 
     box: tuple[float, float, float, float]
     score: float
     landmarks: tuple[tuple[float, float], ...]
+    track_id: int | None = None
 
     @property
     def width(self) -> float:
@@ -45,8 +49,12 @@ class Face:
         return align_face(image, np.asarray(self.landmarks, np.float32), size)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """JSON-ready: box, score, landmarks by name, and ``track_id`` when it has one."""
+        record = {
             "box": [round(v, 2) for v in self.box],
             "score": round(self.score, 5),
             "landmarks": {name: [round(x, 2), round(y, 2)] for name, (x, y) in zip(LANDMARK_NAMES, self.landmarks)},
         }
+        if self.track_id is not None:
+            record["track_id"] = self.track_id
+        return record

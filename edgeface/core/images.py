@@ -266,13 +266,14 @@ _LANDMARK_COLORS = ((0, 0, 255), (0, 255, 255), (255, 0, 255), (0, 255, 0), (255
 
 
 def draw_faces(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
-    """A copy of ``image`` with boxes, scores and landmarks drawn."""
+    """A copy of ``image`` with boxes, scores (``#track_id score`` for a tracked face) and landmarks drawn."""
     canvas = image.copy()
     thickness = max(1, round(max(canvas.shape[:2]) / 500))
     for face in faces:
         x1, y1, x2, y2 = (int(round(v)) for v in face.box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 255, 0), thickness)
-        cv2.putText(canvas, f"{face.score:.2f}", (x1, max(0, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX,
+        label = f"{face.score:.2f}" if face.track_id is None else f"#{face.track_id} {face.score:.2f}"
+        cv2.putText(canvas, label, (x1, max(0, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX,
                     0.4 * thickness, (255, 255, 255), thickness)
         for (x, y), color in zip(face.landmarks, _LANDMARK_COLORS):
             cv2.circle(canvas, (int(round(x)), int(round(y))), thickness + 1, color, -1)

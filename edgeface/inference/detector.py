@@ -16,7 +16,7 @@ from edgeface.core.face import Face
 from edgeface.core.images import ImageInput, load_image
 from edgeface.core.manifest import OUTPUTS
 from edgeface.core.parity import compare_to_reference
-from edgeface.core.processing import DEFAULT_RESIZE, Detections, ResizePolicy, postprocess, preprocess
+from edgeface.core.processing import DEFAULT_RESIZE, Detections, Letterbox, ResizePolicy, postprocess, preprocess
 from edgeface.inference import default_bundle
 from edgeface.runtimes import Runtime, get_runtime_class, open_runtime
 
@@ -183,37 +183,59 @@ class Detector:
         results = []
         for start in range(0, len(images), step):
             t0 = clock()
-            chunk = images[start:start + step]
-            batch, letterboxes = preprocess(chunk, policy=policy, mean_bgr=self.runtime.mean_bgr,
-                                            pad_bgr=self.runtime.pad_bgr, layout=self.runtime.layout)
-            if self.runtime.max_batch and len(batch) < self.runtime.max_batch and not self.runtime.manifest.dynamic:
-                pad = np.zeros((self.runtime.max_batch - len(batch), *batch.shape[1:]), batch.dtype)
-                batch = np.concatenate([batch, pad])  # a static batch is filled up, the extra rows ignored
+            batch, letterboxes = self.prepare(images[start:start + step], resize=policy)
             t1 = clock()
-            if self.runtime.end2end:  # final faces from the graph: only the letterbox scale is undone here
-                results += [({}, self._end2end_detections(batch[i:i + 1], letterbox, threshold))
-                            for i, letterbox in enumerate(letterboxes)]
-                t2 = clock()
-                letterboxes = []  # nothing to post-process
-            else:
-                out = self.runtime.infer(batch)
-                t2 = clock()
-            for i, letterbox in enumerate(letterboxes):
-                raw = {name: out[name][i] for name in OUTPUTS}
-                results.append((raw, postprocess(raw["loc"], raw["conf"], raw["landmarks"], letterbox,
-                                                 anchors=self.anchors, score_threshold=threshold,
-                                                 nms_threshold=self.nms_threshold, top_k=self.top_k,
-                                                 keep_top_k=self.keep_top_k)))
+            outputs = self.forward(batch, letterboxes, score_threshold=threshold)
+            t2 = clock()
+            results += self.finish(outputs, letterboxes, score_threshold=threshold)
             if timings is not None:
                 for stage, seconds in (("pre", t1 - t0), ("infer", t2 - t1), ("post", clock() - t2)):
                     timings[stage] = timings.get(stage, 0.0) + seconds
         return results
 
-    def _end2end_detections(self, batch: np.ndarray, letterbox, threshold: float) -> Detections:
-        out = self.runtime.infer_end2end(batch, score_threshold=threshold, iou_threshold=self.nms_threshold,
-                                         pixel=letterbox.scale)
-        return Detections((out["boxes"] / letterbox.scale).astype(np.float32), out["scores"].astype(np.float32),
-                          (out["landmarks"].reshape(-1, 5, 2) / letterbox.scale).astype(np.float32))
+    # The three stages of infer_arrays, apart: a streaming pipeline runs each in a thread of its own
+    # (:mod:`edgeface.inference.pipeline`), overlapping one frame's inference with the next one's pre-processing.
+
+    def prepare(self, images: Sequence[np.ndarray], *, resize: str | ResizePolicy | None = None
+                ) -> tuple[np.ndarray, list[Letterbox]]:
+        """Pre-processing: BGR uint8 images (at most ``runtime.max_batch``) -> the network's input batch (the
+        runtime's layout and dtype, filled up to a static batch) and each image's letterbox."""
+        policy = self.resize if resize is None else ResizePolicy.parse(resize)
+        batch, letterboxes = preprocess(images, policy=policy, mean_bgr=self.runtime.mean_bgr,
+                                        pad_bgr=self.runtime.pad_bgr, layout=self.runtime.layout)
+        if self.runtime.max_batch and len(batch) < self.runtime.max_batch and not self.runtime.manifest.dynamic:
+            pad = np.zeros((self.runtime.max_batch - len(batch), *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, pad])  # a static batch is filled up, the extra rows ignored
+        return batch, letterboxes
+
+    def forward(self, batch: np.ndarray, letterboxes: Sequence[Letterbox], *,
+                score_threshold: float | None = None) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
+        """Inference on a batch from :meth:`prepare`: the runtime's outputs by name, or for an end-to-end model
+        one dict of final faces per image (its thresholds are graph inputs)."""
+        if not self.runtime.end2end:
+            return self.runtime.infer(batch)
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        return [self.runtime.infer_end2end(batch[i:i + 1], score_threshold=threshold,
+                                           iou_threshold=self.nms_threshold, pixel=letterbox.scale)
+                for i, letterbox in enumerate(letterboxes)]
+
+    def finish(self, outputs, letterboxes: Sequence[Letterbox], *, score_threshold: float | None = None
+               ) -> list[tuple[dict[str, np.ndarray], Detections]]:
+        """Post-processing of :meth:`forward`'s outputs: decode + NMS (an end-to-end model's faces only scaled
+        back), ``(raw, detections)`` per image as :meth:`infer_arrays` returns them."""
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        if self.runtime.end2end:
+            return [({}, Detections((out["boxes"] / box.scale).astype(np.float32), out["scores"].astype(np.float32),
+                                    (out["landmarks"].reshape(-1, 5, 2) / box.scale).astype(np.float32)))
+                    for out, box in zip(outputs, letterboxes)]
+        results = []
+        for i, letterbox in enumerate(letterboxes):
+            raw = {name: outputs[name][i] for name in OUTPUTS}
+            results.append((raw, postprocess(raw["loc"], raw["conf"], raw["landmarks"], letterbox,
+                                             anchors=self.anchors, score_threshold=threshold,
+                                             nms_threshold=self.nms_threshold, top_k=self.top_k,
+                                             keep_top_k=self.keep_top_k)))
+        return results
 
     def detect_arrays(self, images: Sequence[np.ndarray], timings: dict[str, float] | None = None
                       ) -> list[Detections]:

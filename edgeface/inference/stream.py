@@ -22,6 +22,7 @@ from edgeface.core.images import IMAGE_SUFFIXES, list_images, load_image, output
 EXACT_COUNT_SUFFIXES = (".avi", ".mp4", ".mov", ".m4v", ".3gp")
 ESTIMATE_TOLERANCE = 0.05
 MAX_CAMERA_INDEX = 2**31 - 1  # OpenCV takes a C int
+DEFAULT_FRAME_RATE = 30.0  # cameras, folders of images, and videos that announce no rate
 
 
 class StreamEndedEarly(EdgefaceError):
@@ -59,6 +60,20 @@ def frames(source: str, *,
         yield from _capture(str(path), str(path), path.stem)
     else:
         raise EdgefaceError(f"no such image, folder or video: {source} (cameras are camera:0, camera:1, ...)")
+
+
+def frame_rate(source: str) -> float | None:
+    """Frames per second a video file announces; None for cameras (not opened twice), images, folders, and videos
+    that announce no plausible rate."""
+    path = Path(source)
+    if not path.is_file() or path.suffix.lower() in IMAGE_SUFFIXES:
+        return None
+    capture = cv2.VideoCapture(str(path))
+    try:
+        fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
+    finally:
+        capture.release()
+    return float(fps) if 0 < fps <= 1000 else None
 
 
 def _read(path: Path) -> np.ndarray | EdgefaceError:

@@ -1,0 +1,81 @@
+"""Streaming throughput of ``edgeface run``: frames per second and per-stage times, the stages one after the other
+in one thread against the pipeline of :mod:`edgeface.inference.pipeline` (a thread per stage).
+
+``python -m edgeface.benchmarks.streaming --model BUNDLE [--model ...] --out DIR`` makes the WIDER video of
+:mod:`edgeface.benchmarks.tracking` (or takes ``--video``), streams it through each bundle both ways with the
+runtime on ``--threads`` threads, and writes ``streaming.json`` and ``streaming.md``. FPS counts from the first
+frame out to the last (the steady stream); stage times are means over the frames that went through the stage. The
+ideal pipelined FPS is 1 / (the slowest stage), reached only with a core free for each busy stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from edgeface.inference.pipeline import STAGES
+
+MODES = (("single thread", False), ("pipelined", True))
+
+
+def measure(video: Path, model: str | None, *, pipelined: bool, threads: int, tracker=None) -> dict:
+    from edgeface.inference import stream
+    from edgeface.inference.detector import Detector
+    from edgeface.inference.pipeline import stream_faces
+
+    detector = Detector(model=model, threads=threads)
+    times, seconds = [], {}
+    try:
+        for result in stream_faces(detector, stream.frames(str(video)), pipelined=pipelined, tracker=tracker):
+            times.append(time.perf_counter())
+            for stage, value in result.seconds.items():
+                seconds.setdefault(stage, []).append(value)
+        name = detector.name
+    finally:
+        detector.close()
+    stages = {k: 1e3 * sum(seconds[k]) / len(seconds[k]) for k in STAGES if k in seconds}
+    return {"model": name, "fps": (len(times) - 1) / (times[-1] - times[0]), "frames": len(times),
+            "ideal_fps": 1e3 / max(stages.values()), "ms": stages}
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| model | mode | FPS | 1 / slowest stage | " + " | ".join(f"{k} ms" for k in STAGES[:-1]) + " |",
+             "|---|---|---|---|" + "---|" * (len(STAGES) - 1)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['mode']} | {r['fps']:.1f} | {r['ideal_fps']:.1f} | "
+                     + " | ".join(f"{r['ms'].get(k, 0.0):.1f}" for k in STAGES[:-1]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m edgeface.benchmarks.streaming", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", help="bundle (repeatable; default: the default model)")
+    parser.add_argument("--video", type=Path, help="default: the WIDER video of edgeface.benchmarks.tracking")
+    parser.add_argument("--widerface", type=Path, default=Path("../shared/data/widerface"))
+    parser.add_argument("--threads", type=int, default=1, help="the runtime's threads (default 1)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    video = args.video
+    if video is None:
+        from edgeface.benchmarks.tracking import load_clips, make_video
+
+        video = args.out / "video.mp4"
+        make_video(*load_clips(args.widerface), video)
+    rows = []
+    for model in args.model or [None]:
+        for mode, pipelined in MODES:
+            row = {"mode": mode, **measure(video, model, pipelined=pipelined, threads=args.threads)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    info = {"cpus": os.cpu_count(), "threads": args.threads, "video": str(video), "rows": rows}
+    (args.out / "streaming.json").write_text(json.dumps(info, indent=2))
+    (args.out / "streaming.md").write_text(to_markdown(rows))
+    print(to_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
