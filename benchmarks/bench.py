@@ -218,7 +218,7 @@ def _model_bytes(detector) -> int | None:
     if not manifest.files:
         return None
     bundle = Bundle(Path(detector.runtime.source), manifest)
-    return bundle.file("end2end").stat().st_size if detector.runtime.end2end else bundle.model_bytes()
+    return bundle.model_bytes(end2end=detector.runtime.end2end)
 
 
 def _accuracy(detector, data: dict[str, Any], progress: bool) -> dict[str, Any]:

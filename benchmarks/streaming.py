@@ -67,6 +67,7 @@ def main() -> None:
         make_video(*load_clips(args.widerface), video)
     rows = []
     for model in args.model or [None]:
+        measure(video, model, pipelined=False, threads=args.threads)  # warm-up: the first stream runs slower
         for mode, pipelined in MODES:
             row = {"mode": mode, **measure(video, model, pipelined=pipelined, threads=args.threads)}
             rows.append(row)

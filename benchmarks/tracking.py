@@ -192,6 +192,12 @@ def run(video: Path, truth, poses, *, model=None, threads: int = 1) -> list[dict
     from edgeface.inference.tracking import FaceTracker
 
     rows = []
+    warm_up = Detector(model=model, threads=threads)  # the process's first stream runs slower (allocations, caches)
+    try:
+        for _, _ in zip(range(100), stream_faces(warm_up, stream.frames(str(video)))):
+            pass
+    finally:
+        warm_up.close()
     for name, track, smooth, every in CONFIGURATIONS:
         detector = Detector(model=model, threads=threads)
         tracker = (FaceTracker(frame_rate=FPS, smooth=smooth, score_threshold=detector.score_threshold)

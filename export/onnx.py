@@ -287,9 +287,8 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
     import onnx  # deferred: the converters (export extra)
 
     end2end = bool(request.options.get("end2end"))
-    if end2end and (request.input_hw is None or request.dynamic_batch):
-        raise EdgefaceError("--end2end needs a static input size and batch 1 (the priors are constants of the size): "
-                            "give --imgsz HxW, without --dynamic")
+    if end2end:
+        onnx_end2end.check_request(request)
     proto, calibration, checks = build(model, request)
     onnx.save(proto, out_dir / MODEL_FILE)
     files, extra, notes = {"model": MODEL_FILE}, {}, []
@@ -297,8 +296,9 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
         full = onnx_end2end.append_postprocess(proto, request.input_hw, model.config.anchors)
         onnx.save(full, out_dir / END2END_FILE)
         files["end2end"] = END2END_FILE
-        check = onnx_end2end.verify(proto, full, request.input_hw, model.config.anchors, model.config.mean_bgr,
-                                    parity_images())
+        check = onnx_end2end.verify(*onnx_end2end.onnxruntime_runners(proto, full), request.input_hw,
+                                    model.config.anchors, model.config.mean_bgr, parity_images(),
+                                    against="onnxruntime + edgeface.core.processing.postprocess")
         extra["end2end"] = {**onnx_end2end.describe(request.input_hw), "check": check}
         notes.append(f"{END2END_FILE}: decode, score threshold, top-k and NMS in the graph (inputs score_threshold, "
                      "iou_threshold, pixel; outputs boxes, scores, landmarks, num_detections in input pixels): "

@@ -22,6 +22,7 @@ warning at every session): ``score_threshold`` (0.5), ``iou_threshold`` (0.4), `
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -170,30 +171,47 @@ def describe(input_hw: tuple[int, int]) -> dict[str, Any]:
     }
 
 
-def verify(raw: onnx.ModelProto, end2end: onnx.ModelProto, input_hw: tuple[int, int], anchors: AnchorSpec,
-           mean_bgr: tuple[float, float, float], images: list[np.ndarray],
-           thresholds: tuple[float, ...] = (0.02, 0.5)) -> dict[str, Any]:
-    """The end-to-end model against the host pipeline (``raw`` in onnxruntime, then
-    :func:`~edgeface.core.processing.postprocess`) on ``images`` at each score threshold: the same faces in the same
-    order, boxes and landmarks within :data:`TOLERANCE_PX` image pixels, scores within 1e-5. Returns the record;
-    raises EdgefaceError where they differ."""
-    import onnxruntime as ort
+def check_request(request) -> None:
+    """Refuse, before any work, an export request the end-to-end model cannot be made for: the priors are
+    constants of one input size, at batch 1."""
+    if request.input_hw is None or request.dynamic_batch:
+        raise EdgefaceError("--end2end needs a static input size and batch 1 (the priors are constants of the size): "
+                            "give --imgsz HxW, without --dynamic")
 
+
+def onnxruntime_runners(raw: onnx.ModelProto, end2end: onnx.ModelProto) -> tuple[Callable, Callable]:
+    """:func:`verify`'s two sides for ONNX models, in onnxruntime's CPU provider."""
+    import onnxruntime as ort
 
     host = ort.InferenceSession(raw.SerializeToString(), providers=["CPUExecutionProvider"])
     graph = ort.InferenceSession(end2end.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in host.get_outputs()]
+    return (lambda batch: dict(zip(names, host.run(None, {"input": batch}))),
+            lambda feed: graph.run(list(END2END_OUTPUTS), feed))
+
+
+def verify(run_raw: Callable[[np.ndarray], dict[str, np.ndarray]],
+           run_end2end: Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]], input_hw: tuple[int, int],
+           anchors: AnchorSpec, mean_bgr: tuple[float, float, float], images: list[np.ndarray], *, against: str,
+           thresholds: tuple[float, ...] = (0.02, 0.5)) -> dict[str, Any]:
+    """The end-to-end model against the host pipeline on ``images`` at each score threshold: ``run_raw`` (a
+    pre-processed batch -> the network's ``loc`` / ``conf`` / ``landmarks``) then
+    :func:`~edgeface.core.processing.postprocess`, against ``run_end2end`` (the feed of ``input`` and the scalar
+    inputs -> :data:`END2END_OUTPUTS` in order). The same faces in the same order, boxes and landmarks within
+    :data:`TOLERANCE_PX` image pixels, scores within 1e-5. Returns the record (``against`` names the runtime);
+    raises EdgefaceError where they differ."""
     policy = ResizePolicy("fixed", tuple(input_hw))
     faces, worst, iou = 0, 0.0, DEFAULT_INPUTS["iou_threshold"]
     for image in images:
         batch, (letterbox,) = preprocess([image], policy=policy, mean_bgr=mean_bgr)
-        raw_out = dict(zip([o.name for o in host.get_outputs()], host.run(None, {"input": batch})))
+        raw_out = run_raw(batch)
         for threshold in thresholds:
             want = postprocess(raw_out["loc"][0], raw_out["conf"][0], raw_out["landmarks"][0], letterbox,
                                anchors=anchors, score_threshold=threshold, nms_threshold=iou, top_k=PRE_NMS_TOP_K,
                                keep_top_k=KEEP_TOP_K)
             scalars = {"score_threshold": threshold, "iou_threshold": iou, "pixel": letterbox.scale}
-            boxes, scores, points, count = graph.run(None, {"input": batch, **{k: np.array(v, np.float32)
-                                                                              for k, v in scalars.items()}})
+            boxes, scores, points, count = run_end2end({"input": batch, **{k: np.array(v, np.float32)
+                                                                           for k, v in scalars.items()}})
             if int(count[0]) != len(want) or len(scores) != len(want):
                 raise EdgefaceError(f"the end-to-end model found {int(count[0])} faces where the host pipeline finds "
                                     f"{len(want)} (score threshold {threshold}): not exported")
@@ -205,4 +223,4 @@ def verify(raw: onnx.ModelProto, end2end: onnx.ModelProto, input_hw: tuple[int, 
                                         f"pixels (score threshold {threshold}): not exported")
             faces += len(want)
     return {"status": "passed", "images": len(images), "score_thresholds": list(thresholds), "faces": faces,
-            "max_abs_diff_px": round(worst, 6), "against": "onnxruntime + edgeface.core.processing.postprocess"}
+            "max_abs_diff_px": round(worst, 6), "against": against}

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from edgeface.export import onnx as onnx_export
-from edgeface.export.base import Conversion, ExportRequest, TargetOption, TargetSpec
+from edgeface.export import onnx_end2end
+from edgeface.export.base import Conversion, ExportRequest, TargetOption, TargetSpec, parity_images
 from edgeface.runtimes.openvino import OpenVINORuntime, import_openvino, ov_message
 
 from edgeface.core.errors import EdgefaceError, require
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.xml"
 WEIGHTS_FILE = "model.bin"
 FILES = {"model": MODEL_FILE, "weights": WEIGHTS_FILE}
+END2END_FILES = {"end2end": "model_end2end.xml", "end2end_weights": "model_end2end.bin"}
 # INT8 recipe, chosen by measured WIDER FACE AP (README, "Choosing the INT8 recipes of the new targets"): NNCF's
 # "mixed" preset
 # (symmetric int8 weights, asymmetric activations: LeakyReLU outputs are not symmetric around 0), and, as in the
@@ -73,6 +75,8 @@ SPEC = TargetSpec(
                      "FP32 (needs the ../shared WIDER ground truth)", flag="--max-drop"),
         TargetOption("validation_n", f"int8 with --max-drop: WIDER val images validated on (default {VALIDATION_N})",
                      default=VALIDATION_N),
+        TargetOption("end2end", f"fp32 / fp16: also {END2END_FILES['end2end']}: decode, score threshold, top-k and "
+                     "NMS in the IR (static size)", flag="--end2end", default=False),
     ),
     extra="openvino",
     runtime="openvino",
@@ -124,6 +128,39 @@ def _max_diff_to_onnx(ov_model, proto, input_hw: tuple[int, int] | None) -> floa
         raise EdgefaceError(f"OpenVINO could not compile or run the converted IR on the CPU: {ov_message(exc)}"
                             ) from None
     return max(float(np.abs(got[name] - expected[name]).max()) for name in OUTPUTS)
+
+
+def _fp16_network(proto):
+    """The end-to-end ONNX model with the network's float32 weights rounded to float16 values (still stored as
+    float32): the numbers of the FP16 model.xml, whose weights OpenVINO stores in float16 and widens at load.
+    ``compress_to_fp16`` would round the appended priors too (0.03 pixel off the host pipeline at 320 x 320)."""
+    from onnx import numpy_helper
+
+    for tensor in proto.graph.initializer:
+        if tensor.data_type == 1 and not tensor.name.startswith("pp_"):  # FLOAT; pp_: the post-processing's
+            values = numpy_helper.to_array(tensor).astype(np.float16).astype(np.float32)
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    return proto
+
+
+def _ir_runners(out_dir: Path):
+    """The bundle's two IRs as written (fp16 compression included), compiled for the CPU in f32: the network for
+    the host pipeline, and the end-to-end model (:func:`edgeface.export.onnx_end2end.verify`'s two sides)."""
+    ov = import_openvino()
+    core = ov.Core()
+    raw = _compile_cpu(core.read_model(str(out_dir / MODEL_FILE), str(out_dir / WEIGHTS_FILE)))
+    full = _compile_cpu(core.read_model(str(out_dir / END2END_FILES["end2end"]),
+                                        str(out_dir / END2END_FILES["end2end_weights"])))
+
+    def run_raw(batch):
+        out = raw({"input": batch})
+        return {name: out[raw.output(name)] for name in OUTPUTS}
+
+    def run_end2end(feed):
+        out = full(feed)
+        return [out[full.output(name)] for name in onnx_end2end.END2END_OUTPUTS]
+
+    return run_raw, run_end2end
 
 
 def _ignored_scope(ov_model, keep_float):
@@ -280,6 +317,12 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
     Raises :class:`EdgefaceError` (one line) when OpenVINO cannot convert the ONNX model, NNCF cannot quantise it,
     ``keep_float`` names no node, or ``max_drop`` is given without WIDER ground truth or with a bad value."""
     ov = import_openvino()
+    end2end = bool(request.options.get("end2end"))
+    if end2end:  # refused before any work
+        onnx_end2end.check_request(request)
+        if request.precision == "int8":
+            raise EdgefaceError("--end2end with the openvino target is for fp32 and fp16 (NNCF quantises the network, "
+                                "not an appended NMS graph); export int8 without it, or use --target onnx --end2end")
     if request.options.get("max_drop") is not None:  # refused before any work
         if request.precision != "int8":
             raise EdgefaceError(f"--max-drop is for --precision int8 (accuracy-controlled quantisation), not "
@@ -302,8 +345,22 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
     except RuntimeError as exc:
         raise EdgefaceError(f"OpenVINO could not write the IR: {ov_message(exc)}") from None
     operators = sorted({op.get_type_name() for op in ov_model.get_ops()})
+    files, extra = dict(FILES), {}
+    if end2end:
+        full = onnx_end2end.append_postprocess(proto, request.input_hw, model.config.anchors)
+        if request.precision == "fp16":
+            full = _fp16_network(full)
+        try:
+            ov.save_model(to_openvino(full), str(out_dir / END2END_FILES["end2end"]), compress_to_fp16=False)
+        except RuntimeError as exc:
+            raise EdgefaceError(f"OpenVINO could not write the end-to-end IR: {ov_message(exc)}") from None
+        files.update(END2END_FILES)
+        check = onnx_end2end.verify(*_ir_runners(out_dir), request.input_hw, model.config.anchors,
+                                    model.config.mean_bgr, parity_images(),
+                                    against="OpenVINO CPU (f32) on model.xml + edgeface.core.processing.postprocess")
+        extra["end2end"] = {**onnx_end2end.describe(request.input_hw), "check": check}
     return Conversion(
-        files=dict(FILES),
+        files=files,
         dynamic=onnx_export.dynamic_ranges(request),
         calibration=calibration,
         converter={"exporter": "torch.onnx.export (TorchScript) -> onnxsim -> openvino.convert_model",
@@ -311,6 +368,7 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
         notes=["Runs on cpu, gpu (Intel integrated graphics) or npu (Core Ultra; fixed input sizes only) with "
                "`--device`; compiled for exactly that device, never a silent CPU fall-back."],
         extra={
+            **extra,
             "ir": {"compressed_to_fp16": request.precision == "fp16", "operators": operators},
             "verified_here": ["IR vs its ONNX model (OpenVINO CPU vs onnxruntime, FP32)",
                               "bundle vs PyTorch on real images (OpenVINO CPU)"],

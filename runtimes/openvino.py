@@ -82,6 +82,17 @@ def check_model(model, manifest: Manifest, source: str) -> tuple[str, dict[str, 
     return manifest.input.name, {spec.name: outputs[spec.name] for spec in manifest.outputs}
 
 
+def check_end2end(model, manifest: Manifest, source: str) -> None:
+    """The end-to-end model's inputs and outputs by name, as the manifest's ``target_info.end2end`` describes
+    them."""
+    described = manifest.target_info.get("end2end") or {}
+    inputs = sorted(port.get_any_name() for port in model.inputs)
+    outputs = sorted(port.get_any_name() for port in model.outputs)
+    if inputs != sorted(described.get("inputs", {})) or outputs != sorted(described.get("outputs", {})):
+        raise EdgefaceError(f"bundle {source}: the end-to-end model's inputs {inputs} and outputs {outputs} are not "
+                            "what its manifest's target_info.end2end describes; re-export the bundle")
+
+
 class OpenVINORuntime(Runtime):
     name = "openvino"
     targets = ("openvino",)
@@ -90,28 +101,37 @@ class OpenVINORuntime(Runtime):
     concurrent = True
     devices = ("cpu", "gpu", "gpu:N", "npu")
     default_for = ("openvino",)
-    options = ("threads",)
+    options = ("threads", "end2end")
     extra = "openvino-runtime"
     libraries = ("openvino",)
 
     def __init__(self, manifest: Manifest, compiled, *, source: str, device: str = "cpu",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, end2end: bool = False) -> None:
         """A runtime over a model already compiled (:meth:`open` reads and compiles a bundle's; the INT8 export's
         accuracy control validates NNCF's candidates through this one). ``compiled`` is an
-        ``openvino.CompiledModel`` whose input and outputs :func:`check_model` accepted."""
+        ``openvino.CompiledModel`` whose input and outputs :func:`check_model` accepted, or with ``end2end`` the
+        bundle's end-to-end model (:func:`check_end2end`)."""
         super().__init__(manifest, source=source)
         self.compiled = compiled
         self.device = device
         self.threads = threads
-        self.input_name, self._outputs = check_model(compiled, manifest, source)
+        self.end2end = bool(end2end)
+        if self.end2end:
+            self.input_name = manifest.input.name
+            self._outputs = {port.get_any_name(): port for port in compiled.outputs}
+        else:
+            self.input_name, self._outputs = check_model(compiled, manifest, source)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
 
     @classmethod
     def open(cls, bundle: Bundle | None, *, threads: int | None = None, device: str | None = None,
-             **_: Any) -> "OpenVINORuntime":
+             end2end: bool = False, **_: Any) -> "OpenVINORuntime":
         if bundle is None:
             raise EdgefaceError("the openvino runtime needs a bundle (--model DIR made by "
                                 "`edgeface export --target openvino`)")
+        if end2end and "end2end" not in bundle.manifest.files:
+            raise EdgefaceError(f"bundle {bundle.path} has no end-to-end model: export it with "
+                                "`edgeface export --target openvino --imgsz 640x640 --end2end`")
         ov = import_openvino()
         device = device or "cpu"
         core = ov.Core()
@@ -122,7 +142,8 @@ class OpenVINORuntime(Runtime):
                                 f"{', '.join(available) or 'none'}); --device {device} needs Intel "
                                 f"{'integrated graphics' if target.startswith('GPU') else 'an NPU (Core Ultra)'} "
                                 "and its driver")
-        xml, weights = bundle.file("model"), bundle.file("weights")
+        xml, weights = (bundle.file("end2end"), bundle.file("end2end_weights")) if end2end else \
+            (bundle.file("model"), bundle.file("weights"))
         with open(xml, "rb") as f:  # read_model tries every frontend on a non-IR file (TensorFlow's text parser...)
             head = f.read(256).lstrip()
         if not head.startswith(b"<?xml") and not head.startswith(b"<net"):
@@ -132,7 +153,11 @@ class OpenVINORuntime(Runtime):
         except RuntimeError as exc:
             raise EdgefaceError(f"OpenVINO could not read {xml}: {ov_message(exc)}; the bundle is damaged: "
                                 "re-export it") from None
-        check_model(model, bundle.manifest, str(bundle.path))  # before compiling: a lie costs no compilation
+        # before compiling: a lie costs no compilation
+        if end2end:
+            check_end2end(model, bundle.manifest, str(bundle.path))
+        else:
+            check_model(model, bundle.manifest, str(bundle.path))
         if target == "NPU" and not model.inputs[0].get_partial_shape().is_static:
             raise EdgefaceError(f"bundle {bundle.path} has a dynamic input size, which the NPU does not compile; "
                                 "export a fixed size for it (edgeface export --target openvino --imgsz 640x640)")
@@ -147,7 +172,8 @@ class OpenVINORuntime(Runtime):
             compiled = core.compile_model(model, target, config)
         except RuntimeError as exc:
             raise EdgefaceError(f"OpenVINO could not compile {xml} for {target}: {ov_message(exc)}") from None
-        return cls(bundle.manifest, compiled, source=str(bundle.path), device=device, threads=threads)
+        return cls(bundle.manifest, compiled, source=str(bundle.path), device=device, threads=threads,
+                   end2end=end2end)
 
     def _request(self):
         try:
@@ -156,11 +182,31 @@ class OpenVINORuntime(Runtime):
             return self.compiled.create_infer_request()
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self.end2end:
+            raise EdgefaceError("this runtime runs the end-to-end model: its outputs are final faces "
+                                "(infer_end2end), not the network's")
         request = self._request()
         try:
             results = request.infer({self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
             # copies: the request's output buffers are reused by its next call
             out = {name: np.array(results[self._outputs[name]], dtype=np.float32) for name in OUTPUTS}
+        finally:
+            self._requests.put(request)
+        return out
+
+    def infer_end2end(self, batch: np.ndarray, *, score_threshold: float, iou_threshold: float, pixel: float
+                      ) -> dict[str, np.ndarray]:
+        if not self.end2end:
+            return super().infer_end2end(batch, score_threshold=score_threshold, iou_threshold=iou_threshold,
+                                         pixel=pixel)
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32),
+                **{name: np.array(value, np.float32) for name, value in
+                   (("score_threshold", score_threshold), ("iou_threshold", iou_threshold), ("pixel", pixel))}}
+        request = self._request()
+        try:
+            results = request.infer(feed)
+            out = {name: np.array(results[self._outputs[name]], dtype=np.float32)
+                   for name in ("boxes", "scores", "landmarks")}
         finally:
             self._requests.put(request)
         return out

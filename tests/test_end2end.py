@@ -92,7 +92,8 @@ def test_end2end_refusals(bundles, tmp_path, capsys):
     assert main(["export", "--target", "onnx", "--dynamic", "--end2end", "--out", str(tmp_path / "b1")]) == 2
     assert "--end2end needs a static input size" in capsys.readouterr().err
     assert main(["export", "--target", "tflite", "--end2end", "--out", str(tmp_path / "b2")]) == 2
-    assert "--end2end is not an option of the tflite target (targets that take it: onnx)" in capsys.readouterr().err
+    assert "--end2end is not an option of the tflite target (targets that take it: onnx, openvino)" in \
+        capsys.readouterr().err
     plain = export_bundle("onnx", imgsz=SIZE, out=tmp_path / "plain", progress=False)
     with pytest.raises(EdgefaceError, match="has no end-to-end model: export it with"):
         Detector(model=plain.path, end2end=True)
@@ -118,3 +119,39 @@ def test_a_manifest_whose_end2end_parts_disagree_is_refused(bundles, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EdgefaceError, match="files.end2end and target_info.end2end must come together"):
         load_bundle(copy)
+
+
+def test_openvino_end2end_gives_the_host_pipelines_faces(tmp_path, images):
+    """The same appended graph converted to OpenVINO IR (its NMS op), FP32 and FP16, run by the openvino runtime."""
+    pytest.importorskip("openvino", reason="needs the openvino extra: pip install edgeface[openvino]")
+    for precision in ("fp32", "fp16"):
+        bundle = export_bundle("openvino", precision=precision, imgsz=SIZE, out=tmp_path / precision,
+                               progress=False, options={"end2end": True})
+        files = bundle.manifest.files
+        assert (files["end2end"], files["end2end_weights"]) == ("model_end2end.xml", "model_end2end.bin")
+        check = bundle.manifest.target_info["end2end"]["check"]
+        assert check["status"] == "passed" and check["faces"] > 0 and check["against"].startswith("OpenVINO")
+        for threshold in (0.02, 0.5):
+            host = Detector(model=bundle.path, score_threshold=threshold)
+            graph = Detector(model=bundle.path, score_threshold=threshold, end2end=True)
+            assert graph.runtime.name == "openvino" and graph.runtime.end2end
+            report = compare(host, graph, images)
+            assert report.detection_agreement == 1.0 and report.extra_faces == 0, report.summary()
+            assert report.landmark_error < 1e-3, report.summary()
+            assert len(graph.detect_arrays([images[-1]])[0]) == 0  # the blank frame: no face, no error
+            host.close()
+            graph.close()
+    manifest = json.loads((bundle.path / "manifest.json").read_text())
+    del manifest["files"]["end2end_weights"]
+    (bundle.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EdgefaceError, match="files.end2end and files.end2end_weights must come together"):
+        load_bundle(bundle.path)
+
+
+def test_openvino_int8_end2end_is_refused_before_any_work(tmp_path, capsys):
+    pytest.importorskip("openvino", reason="needs the openvino extra: pip install edgeface[openvino]")
+    out = tmp_path / "int8"
+    assert main(["export", "--target", "openvino", "--precision", "int8", "--imgsz", "320x320", "--end2end",
+                 "--out", str(out)]) == 2
+    assert "--end2end with the openvino target is for fp32 and fp16" in capsys.readouterr().err
+    assert not out.exists()

@@ -29,10 +29,12 @@ class Bundle:
     path: Path
     manifest: Manifest
 
-    def model_bytes(self) -> int:
+    def model_bytes(self, *, end2end: bool = False) -> int:
         """Size in bytes of the model file (or package directory, e.g. ``.mlpackage``) plus its separate weights
-        file where the format has one (OpenVINO ``.bin``, ncnn ``.bin``): what a device has to ship."""
-        paths = [self.file(role) for role in ("model", "weights") if role in self.manifest.files]
+        file where the format has one (OpenVINO ``.bin``, ncnn ``.bin``): what a device has to ship. ``end2end``:
+        those of the end-to-end model instead."""
+        roles = ("end2end", "end2end_weights") if end2end else ("model", "weights")
+        paths = [self.file(role) for role in roles if role in self.manifest.files]
         return sum(p.stat().st_size for path in paths for p in ([path] if path.is_file() else path.rglob("*"))
                    if p.is_file())
 

@@ -124,7 +124,7 @@ BUNDLE_FILES = {
     "tensorrt": {"model": ".onnx", "engine": ".engine"},
     "tflite": {"model": ".tflite"},
     "coreml": {"model": ".mlpackage"},
-    "openvino": {"model": ".xml", "weights": ".bin"},  # OpenVINO IR
+    "openvino": {"model": ".xml", "weights": ".bin", "end2end": ".xml", "end2end_weights": ".bin"},  # OpenVINO IR
     "ncnn": {"model": ".param", "weights": ".bin"},
     "executorch": {"model": ".pte"},
     "qnn": {"model": ".onnx", "context": ".onnx"},  # QDQ ONNX; the ahead-of-time QNN context binary (EPContext)
@@ -373,6 +373,8 @@ def _files_problem(m: dict[str, Any]) -> str | None:
             return f"field files.{role} {relative!r} is not the {role} file of a {m['target']} bundle (*{suffix})"
     if ("end2end" in m["files"]) != ("end2end" in (m.get("target_info") or {})):
         return "fields files.end2end and target_info.end2end must come together (the end-to-end model and its I/O)"
+    if "end2end_weights" in roles and ("end2end" in m["files"]) != ("end2end_weights" in m["files"]):
+        return "fields files.end2end and files.end2end_weights must come together (the end-to-end IR and its weights)"
     if "end2end" in m["files"] and m["target_info"]["end2end"]["input_hw"] != m["input"]["shape"][2:4]:
         return (f"field target_info.end2end.input_hw {m['target_info']['end2end']['input_hw']} is not the input's "
                 f"size {m['input']['shape'][2:4]}")
