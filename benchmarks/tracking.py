@@ -18,12 +18,14 @@ Metrics, per configuration (``python -m edgeface.benchmarks.tracking``):
 - **jitter**: each matched face's landmarks mapped back into its photograph (the camera path is known), where they
   should not move: RMS of their frame-to-frame steps, in frame pixels, median over faces. **spread**: RMS of their
   distance to their mean (jitter, plus lag and scale-dependent bias).
-- **fps**: frames / wall time of the whole stream (decoding, detection, tracking), pipelined.
+- **fps**: frames per second of the whole stream (decoding, detection, tracking), pipelined, from the first frame
+  out to the last.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -194,8 +196,9 @@ def run(video: Path, truth, poses, *, model=None, threads: int = 1) -> list[dict
     rows = []
     warm_up = Detector(model=model, threads=threads)  # the process's first stream runs slower (allocations, caches)
     try:
-        for _, _ in zip(range(100), stream_faces(warm_up, stream.frames(str(video)))):
-            pass
+        with contextlib.closing(stream_faces(warm_up, stream.frames(str(video)))) as results:
+            for _, _ in zip(range(100), results):
+                pass
     finally:
         warm_up.close()
     for name, track, smooth, every in CONFIGURATIONS:

@@ -99,8 +99,8 @@ def _model_options(parser: argparse.ArgumentParser, *, resize: str, threads: str
                        help=f"CPU threads of the runtime, for {', '.join(runtimes_taking('threads'))}; others "
                             f"have no thread setting (default: {threads})")
     group.add_argument("--end2end", action="store_true",
-                       help="run the bundle's end-to-end model (decode and NMS in the graph; an onnx bundle exported "
-                            f"with --end2end), with {', '.join(runtimes_taking('end2end'))}")
+                       help="run the bundle's end-to-end model (decode and NMS in the graph; an onnx or openvino "
+                            f"bundle exported with --end2end), with {', '.join(runtimes_taking('end2end'))}")
     parser.set_defaults(default_resize=resize)
 
 
@@ -119,6 +119,9 @@ def _count(low: int, high: int | None = None):
 
 
 def _detector(args: argparse.Namespace, **overrides):
+    if args.end2end and not args.model:
+        raise EdgefaceError("--end2end runs a bundle's end-to-end model: give --model BUNDLE (exported with "
+                            "--end2end)")
     slope = {"relu": 0.0, "leaky": 0.1, None: None}[args.activation]
     overrides.setdefault("default_resize", args.default_resize)  # the default the command's --resize help states
     return Detector(runtime=args.runtime, model=args.model, backbone=args.backbone, weights=args.weights,
@@ -731,7 +734,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     last_report = last_frame = time.monotonic()
     every = f", detector every {args.detect_every} frames" if args.detect_every > 1 else ""
     tracking = f", tracking{' with smoothing' if args.smooth else ''}{every}" if tracker else ""
-    print(f"edgeface run: {detector.name} on {args.source}, input {detector.resize}{tracking}", file=sys.stderr)
+    end2end = ", end-to-end model" if detector.runtime.end2end else ""
+    print(f"edgeface run: {detector.name}{end2end} on {args.source}, input {detector.resize}{tracking}",
+          file=sys.stderr)
+    if args.detect_every > 1 and source.is_dir():
+        print(f"edgeface run: note: --detect-every carries faces from image to image by optical flow: for the frames "
+              "of one scene; unrelated photos get no faces between detections", file=sys.stderr)
     # A --save folder inside the source folder holds results, not inputs.
     items = stream.frames(args.source, skip=out.folder) if out else stream.frames(args.source)
     results = stream_faces(detector, items, tracker=tracker, detect_every=args.detect_every,
@@ -751,16 +759,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             now = time.monotonic()
             recent.append((now - last_frame, result.seconds))  # frame to frame: the stream's real throughput
             last_frame = now
-            count += 1
-            faces_total += len(faces)
+            if out:  # the frame first: a JSON line means its frame is saved (Ctrl-C may come between)
+                out.write_image(name, frame, faces)
             if args.json:
                 records = [{**f.to_dict(), "track_id": f.track_id} if tracker else f.to_dict() for f in faces]
                 line = {"frame": name, "faces": records, **({"detected": result.detected} if tracker else {}),
                         "ms": {k: round(v * 1e3, 2) for k, v in result.seconds.items()}}
                 with _printing():
                     print(json.dumps(line), flush=True)
-            if out:
-                out.write_image(name, frame, faces)
+            count += 1
+            faces_total += len(faces)
             if time.monotonic() - last_report >= 1.0:
                 with _printing():
                     print(f"  {_rolling(recent)}, frame {count}, {len(faces)} face(s)", file=sys.stderr)
@@ -977,8 +985,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth", action="store_true", help="smooth tracked boxes and landmarks (One Euro filter; "
                                                          "implies --track)")
     p.add_argument("--detect-every", type=_count(1, 1000), default=1, metavar="N",
-                   help="run the detector on every Nth frame only, the tracker carrying the faces between (optical "
-                        "flow; implies --track; default 1)")
+                   help="run the detector on every Nth frame only (1-1000), the tracker carrying the faces between "
+                        "(optical flow; implies --track; default 1)")
     _strict_option(p, "image or damaged video")
     _threshold_options(p)
     _model_options(p, resize=str(DEFAULT_RESIZE), threads="the runtime library's own choice; with --board, the board's")

@@ -54,8 +54,9 @@ SPEC = TargetSpec(
     precisions=("fp32", "fp16", "int8"),
     calibrated=("int8",),
     options=(OPSET, *INT8_OPTIONS,
-             TargetOption("end2end", f"also {END2END_FILE}: decode, score threshold, top-k and NMS in the graph "
-                          "(final boxes, scores, landmarks by name; static size)", flag="--end2end", default=False)),
+             TargetOption("end2end", f"also an end-to-end model ({END2END_FILE}; openvino: model_end2end.xml/.bin, "
+                          "fp32/fp16): decode, score threshold, top-k and NMS in the graph (final boxes, scores, "
+                          "landmarks by name; static size)", flag="--end2end", default=False)),
     extra="onnx",
     runtime="onnxruntime",
     libraries=("torch", "onnx", "onnxsim", "onnxruntime", "onnxconverter-common"),
@@ -288,7 +289,7 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
 
     end2end = bool(request.options.get("end2end"))
     if end2end:
-        onnx_end2end.check_request(request)
+        onnx_end2end.check_static(request.input_hw, request.dynamic_batch)
     proto, calibration, checks = build(model, request)
     onnx.save(proto, out_dir / MODEL_FILE)
     files, extra, notes = {"model": MODEL_FILE}, {}, []

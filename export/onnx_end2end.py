@@ -171,10 +171,10 @@ def describe(input_hw: tuple[int, int]) -> dict[str, Any]:
     }
 
 
-def check_request(request) -> None:
-    """Refuse, before any work, an export request the end-to-end model cannot be made for: the priors are
-    constants of one input size, at batch 1."""
-    if request.input_hw is None or request.dynamic_batch:
+def check_static(input_hw: tuple[int, int] | None, dynamic_batch: bool) -> None:
+    """Refuse, before any work, an export the end-to-end model cannot be made for: the priors are constants of one
+    input size, at batch 1."""
+    if input_hw is None or dynamic_batch:
         raise EdgefaceError("--end2end needs a static input size and batch 1 (the priors are constants of the size): "
                             "give --imgsz HxW, without --dynamic")
 

@@ -56,6 +56,14 @@ VALIDATION_N = 100
 # Operations NNCF quantises (their activation inputs get a FakeQuantize): what "kept in float" is counted over.
 QUANTIZABLE = ("Convolution", "GroupConvolution", "MatMul")
 
+
+def preflight(precision: str, options: dict[str, Any]) -> None:
+    """Refused before any work (calibration included): an end-to-end INT8 model."""
+    if options.get("end2end") and precision == "int8":
+        raise EdgefaceError("--end2end with the openvino target is for fp32 and fp16 (NNCF quantises the network, "
+                            "not an appended NMS graph); export int8 without it, or use --target onnx --end2end")
+
+
 SPEC = TargetSpec(
     name="openvino",
     title="OpenVINO",
@@ -82,6 +90,7 @@ SPEC = TargetSpec(
     runtime="openvino",
     libraries=("torch", "onnx", "onnxsim", "onnxruntime", "openvino", "nncf"),
     bench=(("fp32", None), ("fp16", None), ("int8", None)),
+    preflight=preflight,
 )
 
 
@@ -133,7 +142,9 @@ def _max_diff_to_onnx(ov_model, proto, input_hw: tuple[int, int] | None) -> floa
 def _fp16_network(proto):
     """The end-to-end ONNX model with the network's float32 weights rounded to float16 values (still stored as
     float32): the numbers of the FP16 model.xml, whose weights OpenVINO stores in float16 and widens at load.
-    ``compress_to_fp16`` would round the appended priors too (0.03 pixel off the host pipeline at 320 x 320)."""
+    ``compress_to_fp16`` would round the appended priors too (0.03 pixel off the host pipeline at 320 x 320).
+    Changes ``proto`` in place (a copy from :func:`~edgeface.export.onnx_end2end.append_postprocess`) and returns
+    it."""
     from onnx import numpy_helper
 
     for tensor in proto.graph.initializer:
@@ -318,11 +329,9 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
     ``keep_float`` names no node, or ``max_drop`` is given without WIDER ground truth or with a bad value."""
     ov = import_openvino()
     end2end = bool(request.options.get("end2end"))
-    if end2end:  # refused before any work
-        onnx_end2end.check_request(request)
-        if request.precision == "int8":
-            raise EdgefaceError("--end2end with the openvino target is for fp32 and fp16 (NNCF quantises the network, "
-                                "not an appended NMS graph); export int8 without it, or use --target onnx --end2end")
+    if end2end:
+        preflight(request.precision, request.options)
+        onnx_end2end.check_static(request.input_hw, request.dynamic_batch)
     if request.options.get("max_drop") is not None:  # refused before any work
         if request.precision != "int8":
             raise EdgefaceError(f"--max-drop is for --precision int8 (accuracy-controlled quantisation), not "
@@ -358,7 +367,9 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
         check = onnx_end2end.verify(*_ir_runners(out_dir), request.input_hw, model.config.anchors,
                                     model.config.mean_bgr, parity_images(),
                                     against="OpenVINO CPU (f32) on model.xml + edgeface.core.processing.postprocess")
-        extra["end2end"] = {**onnx_end2end.describe(request.input_hw), "check": check}
+        extra["end2end"] = {**onnx_end2end.describe(request.input_hw), "check": check,
+                            "weights": "float16 values stored as float32 (the priors exact)"
+                            if request.precision == "fp16" else "float32"}
     return Conversion(
         files=files,
         dynamic=onnx_export.dynamic_ranges(request),
@@ -372,6 +383,8 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
             "ir": {"compressed_to_fp16": request.precision == "fp16", "operators": operators},
             "verified_here": ["IR vs its ONNX model (OpenVINO CPU vs onnxruntime, FP32)",
                               "bundle vs PyTorch on real images (OpenVINO CPU)"],
-            "verified_on_device_only": ["compilation and outputs on Intel GPU and NPU (no such device here)"],
+            "verified_on_device_only": ["compilation and outputs on Intel GPU and NPU (no such device here)"]
+            + (["the end-to-end model on an Intel GPU, whose plugin computes FP16 bundles in f16 (the decode "
+                "and NMS included); the NPU does not take its dynamic outputs"] if end2end else []),
         },
     )

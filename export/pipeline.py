@@ -13,7 +13,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from edgeface.export import check_options, get_converter, get_spec, resolve_precision, resolve_target
+from edgeface.export import check_options, get_converter, get_spec, onnx_end2end, resolve_precision, resolve_target
 from edgeface.export.base import DEFAULT_IMGSZ, ExportRequest, parity_images
 from edgeface.runtimes import Runtime
 
@@ -84,6 +84,8 @@ def export_bundle(
     input_hw = None if dynamic else tuple(imgsz or DEFAULT_IMGSZ)
     if input_hw:
         ResizePolicy.parse(f"fixed:{input_hw[0]}x{input_hw[1]}")  # validates multiples of 32
+    if options.get("end2end"):
+        onnx_end2end.check_static(input_hw, dynamic)
     if calib_n < 1:
         raise EdgefaceError(f"--calib-n {calib_n}: give at least 1 calibration image (default 100)")
     log = (lambda msg: print(f"edgeface export: {msg}", file=sys.stderr)) if progress else (lambda msg: None)
@@ -134,6 +136,12 @@ def export_bundle(
             output_dtypes=conversion.output_dtypes, output_quantization=conversion.output_quantization,
             calibration=calibration_record, converter=conversion.converter, target_info=conversion.extra,
             notes=conversion.notes)
+        end2end = (conversion.extra or {}).get("end2end")
+        if end2end:
+            check = end2end["check"]
+            log(f"end-to-end model ({conversion.files['end2end']}): the host pipeline's faces on {check['images']} "
+                f"images at score thresholds {', '.join(map(str, check['score_thresholds']))}: {check['faces']} "
+                f"faces, largest difference {check['max_abs_diff_px']:.2g} px")
         _write_parity_reference(tmp, model, policy)
         staged = staged_bundle(tmp, manifest)  # checked as a load would check it; the manifest is written last
         if verify:

@@ -20,7 +20,7 @@ from edgeface.export import onnx as onnx_export
 from edgeface.export.base import Conversion, ExportRequest, TargetSpec
 
 from edgeface.core.bundle import Bundle, load_bundle, staged_bundle, update_bundle, write_manifest
-from edgeface.core.errors import EdgefaceError, require
+from edgeface.core.errors import EdgefaceError, require, with_article
 from edgeface.core.files import atomic_write
 from edgeface.core.parity import compare_to_reference
 from edgeface.core.versions import library_versions
@@ -146,8 +146,8 @@ def build_engine(bundle_dir: str | Path, *, workspace_mb: int | None = None, ver
 
     bundle = load_bundle(bundle_dir)
     if bundle.manifest.target != "tensorrt":  # before asking for TensorRT: no TensorRT would build this bundle
-        raise EdgefaceError(f"bundle {bundle.path} is a {bundle.manifest.target} bundle; build-engine takes a "
-                            "tensorrt bundle (`edgeface export --target jetson`)")
+        raise EdgefaceError(f"bundle {bundle.path} is {with_article(bundle.manifest.target)} bundle; build-engine "
+                            "takes a tensorrt bundle (`edgeface export --target jetson`)")
     trt = require("tensorrt", "tensorrt", "Building a TensorRT engine")
     log = (lambda m: print(f"edgeface build-engine: {m}", file=sys.stderr)) if progress else (lambda m: None)
     return install_engine(bundle.path, lambda staged: _build(trt, staged, workspace_mb, log),
@@ -170,8 +170,8 @@ def install_engine(bundle_dir: str | Path, build: Callable[[Any], Engine], *,
     with update_bundle(bundle_dir) as staged:
         manifest = staged.manifest
         if manifest.target != "tensorrt":
-            raise EdgefaceError(f"bundle {bundle_dir} is a {manifest.target} bundle; only a tensorrt bundle takes an "
-                                "engine")
+            raise EdgefaceError(f"bundle {bundle_dir} is {with_article(manifest.target)} bundle; only a tensorrt "
+                                "bundle takes an engine")
         engine = build(staged)
         atomic_write(staged.path / ENGINE_FILE, lambda tmp: tmp.write_bytes(engine.data))
         if engine.timing_cache is not None:

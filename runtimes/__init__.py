@@ -13,7 +13,7 @@ from typing import Any
 from edgeface.runtimes.base import Runtime
 
 from edgeface.core.bundle import Bundle, load_bundle
-from edgeface.core.errors import EdgefaceError
+from edgeface.core.errors import EdgefaceError, with_article
 from edgeface.core.processing import MAX_THREADS
 
 # The registry, one line per runtime, in the order listings show them.
@@ -99,7 +99,7 @@ def check_runs(runtime: str, bundle) -> None:
     target = bundle.manifest.target
     if target not in get_runtime_class(runtime).targets:
         others = runtimes_for(target)
-        raise EdgefaceError(f"bundle {bundle.path} is a {target} bundle; runtimes that run it: "
+        raise EdgefaceError(f"bundle {bundle.path} is {with_article(target)} bundle; runtimes that run it: "
                             f"{', '.join(others) or 'none'}")
 
 
@@ -121,8 +121,8 @@ def open_runtime(runtime: str | None = None, *, model: str | os.PathLike | Bundl
         else:
             runtime = default_runtimes().get(bundle.manifest.target)
             if runtime is None:
-                raise EdgefaceError(f"bundle {bundle.path} is a {bundle.manifest.target} bundle, which no registered "
-                                    f"runtime runs by default (runtimes: {', '.join(list_runtimes())})")
+                raise EdgefaceError(f"bundle {bundle.path} is {with_article(bundle.manifest.target)} bundle, which no "
+                                    f"registered runtime runs by default (runtimes: {', '.join(list_runtimes())})")
     # each runtime takes its own devices (Core ML compute units, onnxruntime providers) and options
     check_options(runtime, options)
     cls = get_runtime_class(runtime)

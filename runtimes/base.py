@@ -122,6 +122,16 @@ class Runtime(ABC):
         self.close()
 
 
+def no_end2end_model(bundle: Bundle) -> EdgefaceError:
+    """The one-line error for ``end2end=True`` on a bundle exported without it, suggesting the export at the
+    bundle's own input size (640x640 for a dynamic one)."""
+    spec = bundle.manifest.input
+    height, width = spec.shape[1:3] if spec.layout == "NHWC" else spec.shape[2:4]
+    size = f"{height}x{width}" if isinstance(height, int) and isinstance(width, int) else "640x640"
+    command = f"edgeface export --target {bundle.manifest.target} --imgsz {size} --end2end"  # parses: tests
+    return EdgefaceError(f"bundle {bundle.path} has no end-to-end model: export it with `{command}`")
+
+
 def _device_matches(device: str, accepted: tuple[str, ...]) -> bool:
     for name in accepted:
         if name.endswith(":N"):

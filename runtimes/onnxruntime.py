@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from edgeface.runtimes.base import Runtime
+from edgeface.runtimes.base import Runtime, no_end2end_model
 
 from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError, first_line
@@ -38,8 +38,7 @@ class OnnxRuntime(Runtime):
 
         super().__init__(bundle.manifest, source=str(bundle.path))
         if end2end and "end2end" not in bundle.manifest.files:
-            raise EdgefaceError(f"bundle {bundle.path} has no end-to-end model: export it with "
-                                "`edgeface export --target onnx --imgsz 640x640 --end2end`")
+            raise no_end2end_model(bundle)
         self.end2end = bool(end2end)
         model_file = bundle.file("end2end" if end2end else "model")
         options = ort.SessionOptions()

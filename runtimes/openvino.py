@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 import numpy as np
-from edgeface.runtimes.base import Runtime
+from edgeface.runtimes.base import Runtime, no_end2end_model
 
 from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError, require
@@ -91,6 +91,11 @@ def check_end2end(model, manifest: Manifest, source: str) -> None:
     if inputs != sorted(described.get("inputs", {})) or outputs != sorted(described.get("outputs", {})):
         raise EdgefaceError(f"bundle {source}: the end-to-end model's inputs {inputs} and outputs {outputs} are not "
                             "what its manifest's target_info.end2end describes; re-export the bundle")
+    image = next((port for port in model.inputs if port.get_any_name() == manifest.input.name), None)
+    shape = image.get_partial_shape() if image is not None else None
+    if shape is None or not shape.is_static or list(shape.to_shape())[2:] != list(described.get("input_hw", [])):
+        raise EdgefaceError(f"bundle {source}: the end-to-end model's input is {shape}, not the "
+                            f"{described.get('input_hw')} of its manifest's target_info.end2end; re-export the bundle")
 
 
 class OpenVINORuntime(Runtime):
@@ -130,8 +135,7 @@ class OpenVINORuntime(Runtime):
             raise EdgefaceError("the openvino runtime needs a bundle (--model DIR made by "
                                 "`edgeface export --target openvino`)")
         if end2end and "end2end" not in bundle.manifest.files:
-            raise EdgefaceError(f"bundle {bundle.path} has no end-to-end model: export it with "
-                                "`edgeface export --target openvino --imgsz 640x640 --end2end`")
+            raise no_end2end_model(bundle)
         ov = import_openvino()
         device = device or "cpu"
         core = ov.Core()
@@ -158,6 +162,9 @@ class OpenVINORuntime(Runtime):
             check_end2end(model, bundle.manifest, str(bundle.path))
         else:
             check_model(model, bundle.manifest, str(bundle.path))
+        if target == "NPU" and end2end:
+            raise EdgefaceError(f"the NPU does not compile the end-to-end model (its outputs have a data-dependent "
+                                f"size); run bundle {bundle.path} on the NPU without --end2end")
         if target == "NPU" and not model.inputs[0].get_partial_shape().is_static:
             raise EdgefaceError(f"bundle {bundle.path} has a dynamic input size, which the NPU does not compile; "
                                 "export a fixed size for it (edgeface export --target openvino --imgsz 640x640)")

@@ -15,7 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 from edgeface.export.pipeline import export_bundle  # noqa: E402
 
 from edgeface import Detector  # noqa: E402
-from edgeface.cli import main  # noqa: E402
+from edgeface.cli import build_parser, main  # noqa: E402
 from edgeface.core.bundle import load_bundle  # noqa: E402
 from edgeface.core.errors import EdgefaceError  # noqa: E402
 from edgeface.core.images import list_images, load_image  # noqa: E402
@@ -95,8 +95,13 @@ def test_end2end_refusals(bundles, tmp_path, capsys):
     assert "--end2end is not an option of the tflite target (targets that take it: onnx, openvino)" in \
         capsys.readouterr().err
     plain = export_bundle("onnx", imgsz=SIZE, out=tmp_path / "plain", progress=False)
-    with pytest.raises(EdgefaceError, match="has no end-to-end model: export it with"):
+    with pytest.raises(EdgefaceError, match="has no end-to-end model: export it with `edgeface export --target onnx "
+                                            "--imgsz 320x320 --end2end`") as info:  # the bundle's own size
         Detector(model=plain.path, end2end=True)
+    suggested = str(info.value).split("`")[1].split()
+    assert build_parser().parse_args(suggested[1:]).imgsz == [(320, 320)]
+    assert main(["detect", str(tmp_path), "--end2end"]) == 2
+    assert "--end2end runs a bundle's end-to-end model: give --model BUNDLE" in capsys.readouterr().err
     with pytest.raises(EdgefaceError, match="keeps top_k 5000 and keep_top_k 750 fixed"):
         Detector(model=bundles["fp32"].path, end2end=True, keep_top_k=10)
     with pytest.raises(EdgefaceError, match="end2end is not an option of the torch runtime"):
@@ -151,7 +156,10 @@ def test_openvino_end2end_gives_the_host_pipelines_faces(tmp_path, images):
 def test_openvino_int8_end2end_is_refused_before_any_work(tmp_path, capsys):
     pytest.importorskip("openvino", reason="needs the openvino extra: pip install edgeface[openvino]")
     out = tmp_path / "int8"
+    # before calibration: the calibration folder is not even read
     assert main(["export", "--target", "openvino", "--precision", "int8", "--imgsz", "320x320", "--end2end",
-                 "--out", str(out)]) == 2
+                 "--calib", str(tmp_path / "no-such-folder"), "--out", str(out)]) == 2
     assert "--end2end with the openvino target is for fp32 and fp16" in capsys.readouterr().err
+    assert main(["export", "--target", "openvino", "--dynamic", "--end2end", "--out", str(out)]) == 2
+    assert "--end2end needs a static input size" in capsys.readouterr().err
     assert not out.exists()

@@ -141,7 +141,7 @@ def test_a_killed_build_leaves_the_bundle_untouched(trt_bundle):
 def test_build_engine_refuses_a_bundle_of_another_target(exported, tmp_path):
     shutil.copytree(exported["onnx"], tmp_path / "b")
     before = _snapshot(tmp_path / "b")
-    with pytest.raises(EdgefaceError, match="is a onnx bundle; build-engine takes a tensorrt bundle"):
+    with pytest.raises(EdgefaceError, match="is an onnx bundle; build-engine takes a tensorrt bundle"):
         build_engine(tmp_path / "b")
     with pytest.raises(EdgefaceError, match="only a tensorrt bundle takes an engine"):
         install_engine(tmp_path / "b", _fake_build)

@@ -137,7 +137,7 @@ def test_runtimes_that_do_not_run_the_bundle_say_which_do(onnx_bundle):
     from edgeface.runtimes import open_runtime
 
     for runtime in ("coreml", "tensorrt", "tflite"):
-        with pytest.raises(EdgefaceError, match="is a onnx bundle; runtimes that run it: onnxruntime$"):
+        with pytest.raises(EdgefaceError, match="is an onnx bundle; runtimes that run it: onnxruntime$"):
             open_runtime(runtime, model=onnx_bundle)
 
 

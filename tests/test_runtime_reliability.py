@@ -18,6 +18,7 @@ from edgeface.runtimes.coreml import NOT_APPLE, is_apple
 
 from edgeface import Detector, EdgefaceError
 from edgeface.core.bundle import load_bundle, write_manifest
+from edgeface.core.errors import with_article
 from edgeface.core.images import list_images, load_image
 from edgeface.evaluation.accuracy import spread
 
@@ -132,7 +133,8 @@ def test_a_runtime_that_does_not_run_the_bundle_says_which_do(target, bundles):
         # Refused before anything is loaded: no InvalidProtobuf, no platform or package complaint.
         with pytest.raises(EdgefaceError) as info:
             open_runtime(name, model=bundle.path)
-        assert str(info.value) == f"bundle {bundle.path} is a {target} bundle; runtimes that run it: {', '.join(runs)}"
+        assert str(info.value) == (f"bundle {bundle.path} is {with_article(target)} bundle; runtimes that run it: "
+                                   f"{', '.join(runs)}")
 
 
 def test_a_tensorrt_bundle_runs_its_onnx_in_onnxruntime(bundles, images):

@@ -123,6 +123,11 @@ def test_tracked_faces_are_drawn_with_their_id(astronaut_path, default_detector)
     plain = draw_faces(image, [face])
     labelled = draw_faces(image, [Face(face.box, face.score, face.landmarks, track_id=3)])
     assert (plain != labelled).any()
+    at_the_top = Face((face.box[0], 0.0, face.box[2], face.box[3] - face.box[1]), face.score, face.landmarks, 3)
+    drawn = draw_faces(image, [at_the_top])  # the label inside the box, not cut off above the image
+    text = (drawn == 255).all(axis=2) & ~(image == 255).all(axis=2)  # white pixels the drawing added
+    x1, x2, quarter = int(face.box[0]) + 3, int(face.box[2]) - 3, int(face.box[3] - face.box[1]) // 4
+    assert text[3:quarter, x1:x2].any()
     assert face.to_dict().keys() == {"box", "score", "landmarks"}
     assert Face(face.box, face.score, face.landmarks, track_id=3).to_dict()["track_id"] == 3
 

@@ -46,3 +46,8 @@ def require_torch(purpose: str) -> None:
     """Raise :func:`needs_torch`'s error unless PyTorch is installed."""
     if not torch_installed():
         raise needs_torch(purpose)
+
+
+def with_article(word: str) -> str:
+    """"a tflite", "an onnx": a target's name in a message."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

@@ -273,8 +273,11 @@ def draw_faces(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
         x1, y1, x2, y2 = (int(round(v)) for v in face.box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 255, 0), thickness)
         label = f"{face.score:.2f}" if face.track_id is None else f"#{face.track_id} {face.score:.2f}"
-        cv2.putText(canvas, label, (x1, max(0, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.4 * thickness, (255, 255, 255), thickness)
+        (_, text_height), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, thickness)
+        # above the box, or inside its top when the box touches the image's top edge
+        text_y = y1 - 4 if y1 - 4 >= text_height else max(y1, 0) + text_height + 4
+        cv2.putText(canvas, label, (max(x1, 0), text_y), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, (255, 255, 255),
+                    thickness)
         for (x, y), color in zip(face.landmarks, _LANDMARK_COLORS):
             cv2.circle(canvas, (int(round(x)), int(round(y))), thickness + 1, color, -1)
     return canvas
