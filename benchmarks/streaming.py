@@ -17,16 +17,14 @@ import os
 import time
 from pathlib import Path
 
-from edgeface.inference.pipeline import STAGES
+from edgeface.inference import stream
+from edgeface.inference.detector import Detector
+from edgeface.inference.pipeline import STAGES, stream_faces
 
 MODES = (("single thread", False), ("pipelined", True))
 
 
 def measure(video: Path, model: str | None, *, pipelined: bool, threads: int, tracker=None) -> dict:
-    from edgeface.inference import stream
-    from edgeface.inference.detector import Detector
-    from edgeface.inference.pipeline import stream_faces
-
     detector = Detector(model=model, threads=threads)
     times, seconds = [], {}
     try:

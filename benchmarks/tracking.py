@@ -36,6 +36,11 @@ import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from edgeface.inference import stream
+from edgeface.inference.detector import Detector
+from edgeface.inference.pipeline import stream_faces
+from edgeface.inference.tracking import FaceTracker
+
 FRAME_SIZE = (640, 480)  # width, height
 FPS = 30.0
 MIN_FACE_PX = 24
@@ -188,11 +193,6 @@ CONFIGURATIONS = (  # (name, track, smooth, detect_every)
 
 
 def run(video: Path, truth, poses, *, model=None, threads: int = 1) -> list[dict]:
-    from edgeface.inference import stream
-    from edgeface.inference.detector import Detector
-    from edgeface.inference.pipeline import stream_faces
-    from edgeface.inference.tracking import FaceTracker
-
     rows = []
     warm_up = Detector(model=model, threads=threads)  # the process's first stream runs slower (allocations, caches)
     try:

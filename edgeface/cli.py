@@ -33,7 +33,8 @@ from edgeface.export.base import DEFAULT_IMGSZ
 from edgeface.export.tensorrt import build_engine  # reads no converter library: runs on a device install
 from edgeface.inference import stream
 from edgeface.inference.detector import Detector
-from edgeface.inference.pipeline import STAGES
+from edgeface.inference.pipeline import STAGES, stream_faces
+from edgeface.inference.tracking import FaceTracker
 from edgeface.runtimes import get_runtime_class, list_runtimes, runtimes_taking
 
 # bench times each image size as given (VGA, HD, 4K), not scaled down, on one thread unless told otherwise.
@@ -714,8 +715,6 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import collections
 
-    from edgeface.inference.pipeline import stream_faces
-
     if args.board:
         _apply_board(args, runtime=args.board.runtime if args.model else None, threads=args.board.threads or None)
     source = Path(args.source)
@@ -795,8 +794,6 @@ def _tracker(args: argparse.Namespace):
     """The FaceTracker of `run --track` (implied by --smooth and --detect-every N > 1), at the video's frame rate."""
     if not (args.track or args.smooth or args.detect_every > 1):
         return None
-    from edgeface.inference.tracking import FaceTracker
-
     with _quiet_decoding(args):
         rate = stream.frame_rate(args.source)
     return FaceTracker(frame_rate=rate or stream.DEFAULT_FRAME_RATE, smooth=args.smooth,
