@@ -36,6 +36,8 @@ import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from edgeface.core.parity import iou_matrix
+from edgeface.evaluation.widerface import image_key, load_ground_truth
 from edgeface.inference import stream
 from edgeface.inference.detector import Detector
 from edgeface.inference.pipeline import stream_faces
@@ -113,15 +115,6 @@ def make_video(photos: list[Path], boxes: list[np.ndarray], out: Path, *, frames
     return truth, poses
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, 4) x (M, 4) xyxy -> (N, M) intersection over union."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
 def score_tracks(truth, poses, predictions) -> dict[str, float]:
     """The metrics of the module docstring; ``predictions`` per frame: a list of Face (with track_id)."""
     last_id: dict = {}
@@ -135,7 +128,7 @@ def score_tracks(truth, poses, predictions) -> dict[str, float]:
         last_seen.update({identity: k for identity, _ in gt})
         if not gt or not faces:
             continue
-        overlap = iou(np.array([box for _, box in gt]), np.array([f.box for f in faces]))
+        overlap = iou_matrix(np.array([box for _, box in gt]), np.array([f.box for f in faces]))
         rows, cols = linear_sum_assignment(-overlap)
         for r, c in zip(rows, cols):
             if overlap[r, c] < IOU_MATCH:
@@ -171,15 +164,12 @@ def score_tracks(truth, poses, predictions) -> dict[str, float]:
 
 
 def load_clips(widerface: Path, clips: tuple[str, ...] = CLIPS) -> tuple[list[Path], list[np.ndarray]]:
-    """The ``clips`` photographs (val image names) and their ground-truth boxes (xyxy) from the official val list."""
-    lines = (widerface / "ground_truth" / "wider_face_val_bbx_gt.txt").read_text().splitlines()
-    boxes, i = {}, 0
-    while i < len(lines) - 1:
-        name, count = lines[i].strip(), int(lines[i + 1])
-        rows = [list(map(float, line.split()[:4])) for line in lines[i + 2:i + 2 + count]]
-        boxes[name] = np.array([[x, y, x + w, y + h] for x, y, w, h in rows]).reshape(-1, 4)
-        i += 2 + max(count, 1)
-    return [widerface / "val" / "images" / name for name in clips], [boxes[name] for name in clips]
+    """The ``clips`` photographs (val image names) and their ground-truth boxes (xyxy), from the official val
+    ground truth (``ground_truth/wider_face_val.mat``)."""
+    gt = load_ground_truth(widerface / "ground_truth")
+    photos = [widerface / "val" / "images" / name for name in clips]
+    boxes = [gt.boxes[image_key(photo)] for photo in photos]
+    return photos, [np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1) for b in boxes]
 
 
 CONFIGURATIONS = (  # (name, track, smooth, detect_every)

@@ -287,9 +287,7 @@ def dynamic_ranges(request: ExportRequest) -> dict[str, list[int]] | None:
 def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Conversion:
     import onnx  # deferred: the converters (export extra)
 
-    end2end = bool(request.options.get("end2end"))
-    if end2end:
-        onnx_end2end.check_static(request.input_hw, request.dynamic_batch)
+    end2end = bool(request.options.get("end2end"))  # a static size: checked by the pipeline before any work
     proto, calibration, checks = build(model, request)
     onnx.save(proto, out_dir / MODEL_FILE)
     files, extra, notes = {"model": MODEL_FILE}, {}, []

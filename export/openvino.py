@@ -328,10 +328,7 @@ def convert(model: torch.nn.Module, out_dir: Path, request: ExportRequest) -> Co
     Raises :class:`EdgefaceError` (one line) when OpenVINO cannot convert the ONNX model, NNCF cannot quantise it,
     ``keep_float`` names no node, or ``max_drop`` is given without WIDER ground truth or with a bad value."""
     ov = import_openvino()
-    end2end = bool(request.options.get("end2end"))
-    if end2end:
-        preflight(request.precision, request.options)
-        onnx_end2end.check_static(request.input_hw, request.dynamic_batch)
+    end2end = bool(request.options.get("end2end"))  # fp32 / fp16, static size: checked by the pipeline (preflight)
     if request.options.get("max_drop") is not None:  # refused before any work
         if request.precision != "int8":
             raise EdgefaceError(f"--max-drop is for --precision int8 (accuracy-controlled quantisation), not "

@@ -122,14 +122,31 @@ class Runtime(ABC):
         self.close()
 
 
-def no_end2end_model(bundle: Bundle) -> EdgefaceError:
-    """The one-line error for ``end2end=True`` on a bundle exported without it, suggesting the export at the
-    bundle's own input size (640x640 for a dynamic one)."""
+# What infer() says on a runtime opened on the end-to-end model.
+END2END_NOT_RAW = ("this runtime runs the end-to-end model: its outputs are final faces (infer_end2end), not the "
+                   "network's")
+
+
+def require_end2end_model(bundle: Bundle) -> None:
+    """Refuse ``end2end=True`` on a bundle exported without it, in one line suggesting the export at the bundle's
+    own input size (640x640 for a dynamic one)."""
+    if "end2end" in bundle.manifest.files:
+        return
     spec = bundle.manifest.input
     height, width = spec.shape[1:3] if spec.layout == "NHWC" else spec.shape[2:4]
     size = f"{height}x{width}" if isinstance(height, int) and isinstance(width, int) else "640x640"
     command = f"edgeface export --target {bundle.manifest.target} --imgsz {size} --end2end"  # parses: tests
-    return EdgefaceError(f"bundle {bundle.path} has no end-to-end model: export it with `{command}`")
+    raise EdgefaceError(f"bundle {bundle.path} has no end-to-end model: export it with `{command}`")
+
+
+def check_end2end_io(manifest: Manifest, source: str, inputs: list[str], outputs: list[str]) -> None:
+    """The end-to-end model's input and output names against the manifest's ``target_info.end2end``."""
+    described = manifest.target_info.get("end2end") or {}
+    expected = sorted(described.get("inputs", {})), sorted(described.get("outputs", {}))
+    if (sorted(inputs), sorted(outputs)) != expected:
+        raise EdgefaceError(f"bundle {source}: the end-to-end model's inputs {sorted(inputs)} and outputs "
+                            f"{sorted(outputs)} are not what its manifest's target_info.end2end describes; re-export "
+                            "the bundle")
 
 
 def _device_matches(device: str, accepted: tuple[str, ...]) -> bool:

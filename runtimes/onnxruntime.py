@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from edgeface.runtimes.base import Runtime, no_end2end_model
+from edgeface.runtimes.base import END2END_NOT_RAW, Runtime, check_end2end_io, require_end2end_model
 
 from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError, first_line
@@ -37,8 +37,8 @@ class OnnxRuntime(Runtime):
         import onnxruntime as ort
 
         super().__init__(bundle.manifest, source=str(bundle.path))
-        if end2end and "end2end" not in bundle.manifest.files:
-            raise no_end2end_model(bundle)
+        if end2end:
+            require_end2end_model(bundle)
         self.end2end = bool(end2end)
         model_file = bundle.file("end2end" if end2end else "model")
         options = ort.SessionOptions()
@@ -91,12 +91,8 @@ class OnnxRuntime(Runtime):
 
     def _check_end2end(self) -> None:
         """The end-to-end model's inputs and outputs by name, as ``target_info.end2end`` describes them."""
-        described = self.manifest.target_info.get("end2end") or {}
-        inputs = sorted(i.name for i in self.session.get_inputs())
-        outputs = sorted(o.name for o in self.session.get_outputs())
-        if inputs != sorted(described.get("inputs", {})) or outputs != sorted(described.get("outputs", {})):
-            raise EdgefaceError(f"bundle {self.source}: the end-to-end model's inputs {inputs} and outputs {outputs} "
-                                "are not what its manifest's target_info.end2end describes; re-export the bundle")
+        check_end2end_io(self.manifest, self.source, [i.name for i in self.session.get_inputs()],
+                         [o.name for o in self.session.get_outputs()])
 
     @classmethod
     def open(cls, bundle: Bundle | None, *, providers: list[str] | None = None, threads: int | None = None,
@@ -107,8 +103,7 @@ class OnnxRuntime(Runtime):
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if self.end2end:
-            raise EdgefaceError("this runtime runs the end-to-end model: its outputs are final faces "
-                                "(infer_end2end), not the network's")
+            raise EdgefaceError(END2END_NOT_RAW)
         outputs = self.session.run(list(OUTPUTS), {self.input_name: batch})
         return {name: out.astype(np.float32, copy=False) for name, out in zip(OUTPUTS, outputs)}
 

@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 import numpy as np
-from edgeface.runtimes.base import Runtime, no_end2end_model
+from edgeface.runtimes.base import END2END_NOT_RAW, Runtime, check_end2end_io, require_end2end_model
 
 from edgeface.core.bundle import Bundle
 from edgeface.core.errors import EdgefaceError, require
@@ -83,14 +83,11 @@ def check_model(model, manifest: Manifest, source: str) -> tuple[str, dict[str, 
 
 
 def check_end2end(model, manifest: Manifest, source: str) -> None:
-    """The end-to-end model's inputs and outputs by name, as the manifest's ``target_info.end2end`` describes
-    them."""
+    """The end-to-end model's inputs and outputs by name, and its input's size, as the manifest's
+    ``target_info.end2end`` describes them."""
     described = manifest.target_info.get("end2end") or {}
-    inputs = sorted(port.get_any_name() for port in model.inputs)
-    outputs = sorted(port.get_any_name() for port in model.outputs)
-    if inputs != sorted(described.get("inputs", {})) or outputs != sorted(described.get("outputs", {})):
-        raise EdgefaceError(f"bundle {source}: the end-to-end model's inputs {inputs} and outputs {outputs} are not "
-                            "what its manifest's target_info.end2end describes; re-export the bundle")
+    check_end2end_io(manifest, source, [port.get_any_name() for port in model.inputs],
+                     [port.get_any_name() for port in model.outputs])
     image = next((port for port in model.inputs if port.get_any_name() == manifest.input.name), None)
     shape = image.get_partial_shape() if image is not None else None
     if shape is None or not shape.is_static or list(shape.to_shape())[2:] != list(described.get("input_hw", [])):
@@ -134,8 +131,8 @@ class OpenVINORuntime(Runtime):
         if bundle is None:
             raise EdgefaceError("the openvino runtime needs a bundle (--model DIR made by "
                                 "`edgeface export --target openvino`)")
-        if end2end and "end2end" not in bundle.manifest.files:
-            raise no_end2end_model(bundle)
+        if end2end:
+            require_end2end_model(bundle)
         ov = import_openvino()
         device = device or "cpu"
         core = ov.Core()
@@ -190,8 +187,7 @@ class OpenVINORuntime(Runtime):
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if self.end2end:
-            raise EdgefaceError("this runtime runs the end-to-end model: its outputs are final faces "
-                                "(infer_end2end), not the network's")
+            raise EdgefaceError(END2END_NOT_RAW)
         request = self._request()
         try:
             results = request.infer({self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})

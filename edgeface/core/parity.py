@@ -68,7 +68,9 @@ class ParityReport:
                 f"{self.extra_faces} extra; max |diff| {diffs}; {self.images} images")
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, 4) x (M, 4) boxes x1, y1, x2, y2 -> (N, M) intersection over union (areas without the +1 of the WIDER
+    protocol's pixel-inclusive IoU)."""
     tl = np.maximum(a[:, None, :2], b[None, :, :2])
     br = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.prod(np.clip(br - tl, 0, None), axis=2)
@@ -81,7 +83,7 @@ def match_faces(reference: Detections, candidate: Detections, iou: float = MATCH
     """Greedy one-to-one matching, best IoU first; pairs (reference index, candidate index)."""
     if not len(reference) or not len(candidate):
         return []
-    overlaps = _iou(reference.boxes, candidate.boxes)
+    overlaps = iou_matrix(reference.boxes, candidate.boxes)
     pairs, used_r, used_c = [], set(), set()
     for flat in np.argsort(-overlaps, axis=None):
         r, c = divmod(int(flat), overlaps.shape[1])
